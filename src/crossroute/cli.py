@@ -1,0 +1,136 @@
+"""The `crossroute` command line (typer + rich). Errors print as one line and exit 2, never a traceback."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from .errors import CrossrouteError
+from .progress import console
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Measure, explain and repair cross-domain forgetting in sequential multi-domain RL post-training.",
+)
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="checkpoint directory, or 'default' (embedded)")]
+DomainsOpt = Annotated[str, typer.Option("--domains", "-d", help="comma list: built-in names, JSONL paths, NAME=PATH")]
+
+
+def scores_table(title: str, rows: dict[str, dict[str, float]], columns: list[str]) -> Table:
+    """A rich table: one row per key of `rows`, one column per domain."""
+    t = Table(title=title)
+    t.add_column("")
+    for c in columns:
+        t.add_column(c, justify="right")
+    for name, scores in rows.items():
+        t.add_row(name, *[f"{scores[c]:.2f}" if c in scores else "-" for c in columns])
+    return t
+
+
+@app.command()
+def pretrain(
+    out: Annotated[Path, typer.Option(help="where to save the checkpoint")] = Path("runs/pretrained"),
+    seed: Annotated[int, typer.Option(help="random seed; the shipped default uses 0")] = 0,
+    steps: Annotated[int | None, typer.Option(help="override the number of training steps")] = None,
+    eval_n: Annotated[int, typer.Option(help="held-out prompts per domain for the final eval")] = 100,
+) -> None:
+    """Pretrain the embedded default (Qwen3 architecture, char tokenizer) by SFT on the built-in domains.
+
+    Example: crossroute pretrain --out runs/pretrained --seed 0
+    """
+    from .domains import BUILTIN, DEFAULT_DOMAINS
+    from .evaluate import evaluate_all
+    from .pretrain import PretrainConfig
+    from .pretrain import pretrain as run_pretrain
+
+    cfg = PretrainConfig(seed=seed, **({"steps": steps} if steps is not None else {}))
+    model, tok, stats = run_pretrain(cfg, out=out)
+    scores = evaluate_all(model, tok, [BUILTIN[d] for d in DEFAULT_DOMAINS], n=eval_n, show_progress=True)
+    console.print(scores_table(f"pretrained ({stats['seconds']} s)", {"held-out": {k: v.score for k, v in
+                                                                                  scores.items()}},
+                               list(scores)))
+    console.print(f"saved {out}")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: ModelOpt = "default",
+    domains: DomainsOpt = "math,code,qa,cw",
+    n: Annotated[int, typer.Option(help="held-out prompts per domain")] = 100,
+    out: Annotated[Path, typer.Option(help="run directory for results/eval.json")] = Path("runs/eval"),
+) -> None:
+    """Score a checkpoint on each domain's held-out split (greedy decoding), print a table, write JSON.
+
+    Example: crossroute eval --model default --domains math,code,qa,cw --out runs/eval
+    """
+    from .domains import parse_domains
+    from .evaluate import evaluate_all, scores_json
+    from .model import load_model
+    from .rundir import open_run
+
+    doms = parse_domains(domains)
+    loaded = load_model(model)
+    run = open_run(out, {"model": str(loaded.path), "domains": [d.name for d in doms], "n": n}, kind="eval")
+    scores = evaluate_all(loaded.model, loaded.tokenizer, doms, n=n, show_progress=True)
+    run.write_result("eval", {"model": str(loaded.path), **scores_json(scores)})
+    console.print(scores_table("held-out scores [0-100]", {Path(loaded.path).name: {k: v.score for k, v in
+                                                                                    scores.items()}},
+                               [d.name for d in doms]))
+    console.print(f"wrote {run.results / 'eval.json'}")
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
+    """Write RUN_DIR/report.html: one self-contained HTML file with every section that has results.
+
+    Example: crossroute report runs/demo
+    """
+    from .report import build_report
+
+    console.print(f"wrote {build_report(run_dir)}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="run directory of the demo")] = Path("runs/demo"),
+    n: Annotated[int, typer.Option(help="held-out prompts per domain")] = 100,
+) -> None:
+    """The end-to-end pipeline on the embedded default: eval, then every later stage, then the report.
+
+    Example: crossroute demo --out runs/demo
+    """
+    from .demo import run_demo
+
+    run_demo(out, n=n)
+
+
+def main() -> None:
+    """Entry point: run the app; user errors become one line on stderr and exit code 2."""
+    try:
+        app(standalone_mode=False)
+    except CrossrouteError as e:
+        console.print(f"[red]crossroute: error:[/red] {e}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        console.print("crossroute: interrupted; run the same command again to resume.")
+        sys.exit(130)
+    except (typer.Abort, typer.Exit) as e:
+        sys.exit(getattr(e, "exit_code", 1))
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    main()

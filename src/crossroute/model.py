@@ -1,0 +1,179 @@
+"""Model I/O: load any local Hugging Face causal-LM checkpoint (safetensors only) and save one atomically."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from .atomic import atomic_dir
+from .errors import CrossrouteError
+from .tokenizer import build_char_tokenizer
+
+transformers.utils.logging.set_verbosity_error()
+transformers.utils.logging.disable_progress_bar()
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")
+
+ASSETS = Path(__file__).parent / "assets"
+DEFAULT_CHECKPOINT = ASSETS / "default"
+DEFAULT_NAME = "default"
+PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+@dataclass
+class Loaded:
+    """A model and its tokenizer, with the directory they came from."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    path: Path
+
+
+def resolve_model_path(path: str | Path) -> Path:
+    """Map the name 'default' to the shipped embedded checkpoint; other values are local paths."""
+    if str(path) == DEFAULT_NAME:
+        return DEFAULT_CHECKPOINT
+    return Path(path).expanduser()
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    """The checkpoint's safetensors files (sharded or single), refusing pickle-only checkpoints."""
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        pickles = [p for p in PICKLE_FILES if (path / p).exists()]
+        if pickles:
+            raise CrossrouteError(
+                f"{path / pickles[0]}: pickle-only checkpoint; crossroute reads safetensors only "
+                "(never unpickles). Convert it once with a trusted tool, e.g. "
+                "`model.save_pretrained(dir, safe_serialization=True)`."
+            )
+        raise CrossrouteError(f"{path}: no *.safetensors weights found; point --model at a checkpoint directory.")
+    return files
+
+
+def check_checkpoint_dir(path: str | Path, need_tokenizer: bool = True) -> Path:
+    """Validate a checkpoint directory before any heavy loading; return it resolved."""
+    path = resolve_model_path(path)
+    if not path.exists():
+        raise CrossrouteError(f"{path}: no such checkpoint directory; pass a local Hugging Face checkpoint path.")
+    if not path.is_dir():
+        raise CrossrouteError(f"{path}: is a file; pass the checkpoint directory that holds config.json.")
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise CrossrouteError(f"{cfg_file}: missing; a Hugging Face checkpoint directory needs config.json.")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CrossrouteError(f"{cfg_file}: invalid JSON at line {e.lineno} ({e.msg}).") from None
+    model_type = cfg.get("model_type")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise CrossrouteError(
+            f"{cfg_file}: model_type {model_type!r} is not a causal language model; crossroute needs a "
+            "decoder-only checkpoint (e.g. qwen3, llama)."
+        )
+    safetensors_files(path)
+    if need_tokenizer and not any((path / f).exists() for f in TOKENIZER_FILES):
+        raise CrossrouteError(
+            f"{path}: no tokenizer files (tokenizer.json or tokenizer_config.json); save the tokenizer "
+            "next to the weights with `tokenizer.save_pretrained(dir)`."
+        )
+    return path
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """Load the checkpoint's tokenizer from the local directory, left-padded, with a pad token."""
+    path = resolve_model_path(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise CrossrouteError(f"{path}: cannot load the tokenizer ({str(e).splitlines()[0]}).") from None
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(
+    path: str | Path,
+    dtype: torch.dtype | str = torch.float32,
+    attn_implementation: str = "sdpa",
+    device: str | torch.device = "cpu",
+) -> Loaded:
+    """Load a local causal-LM checkpoint and its tokenizer from safetensors (no hub, no pickle)."""
+    path = check_checkpoint_dir(path)
+    tokenizer = load_tokenizer(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=dtype,
+            use_safetensors=True,
+            local_files_only=True,
+            attn_implementation=attn_implementation,
+        )
+    except (OSError, ValueError) as e:
+        raise CrossrouteError(f"{path}: cannot load the model ({str(e).splitlines()[0]}).") from None
+    model.to(device)
+    model.eval()
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return Loaded(model=model, tokenizer=tokenizer, path=path)
+
+
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path) -> Path:
+    """Save weights (safetensors), config and tokenizer into `path`, atomically (temp dir + rename)."""
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return path
+
+
+def default_config(vocab_size: int, **overrides: Any) -> Qwen3Config:
+    """The embedded default's architecture: a ~0.8 M-parameter Qwen3 with GQA (4 heads, 2 KV groups)."""
+    kw: dict[str, Any] = dict(
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=128,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-6,
+        attention_dropout=0.0,
+    )
+    kw.update(overrides)
+    return Qwen3Config(**kw)
+
+
+def build_default_model(seed: int, **overrides: Any) -> tuple[Qwen3ForCausalLM, PreTrainedTokenizerBase]:
+    """A randomly initialised embedded-default model (deterministic from `seed`) and its char tokenizer."""
+    tokenizer = build_char_tokenizer()
+    config = default_config(len(tokenizer), **overrides)
+    config.pad_token_id = tokenizer.pad_token_id
+    config.eos_token_id = tokenizer.eos_token_id
+    config.bos_token_id = None
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = None
+    return model, tokenizer

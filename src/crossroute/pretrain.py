@@ -1,0 +1,111 @@
+"""`crossroute pretrain`: train the embedded default from random init by SFT on the built-in domains.
+
+Deterministic from a seed (CPU, fixed thread count): the shipped checkpoint is what this produces.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .domains import BUILTIN, DEFAULT_DOMAINS, kb_facts
+from .model import build_default_model, save_model
+from .progress import progress_bar
+
+
+class PretrainConfig(BaseModel):
+    """Settings of the embedded default's pretraining (defaults produce the shipped checkpoint)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seed: int = 0
+    steps: int = 1800
+    batch_size: int = 64
+    learning_rate: float = 3e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    fact_share: float = Field(0.15, ge=0, le=1, description="share of each batch spent on knowledge-base facts")
+    pool_per_domain: int = 4000
+    threads: int = 2
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+    """Token ids of prompt+answer+eos, and labels that train only on the answer and eos."""
+    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return p + a, [-100] * len(p) + a
+
+
+def build_corpus(tokenizer: PreTrainedTokenizerBase, cfg: PretrainConfig) -> tuple[list, list]:
+    """(task sequences, fact sequences): train-split examples of every built-in domain, and KB facts."""
+    tasks = []
+    for name in DEFAULT_DOMAINS:
+        for ex in BUILTIN[name].examples("train", cfg.pool_per_domain, seed=cfg.seed):
+            tasks.append(_encode(tokenizer, ex.prompt, ex.answer))
+    facts = []
+    for fact in kb_facts():
+        ids = tokenizer(fact, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        facts.append((ids, ids[:]))
+    return tasks, facts
+
+
+def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch of (ids, labels) into tensors with an attention mask."""
+    width = max(len(ids) for ids, _ in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, (x, y) in enumerate(batch):
+        ids[i, : len(x)] = torch.tensor(x)
+        labels[i, : len(y)] = torch.tensor(y)
+        mask[i, : len(x)] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def pretrain(
+    cfg: PretrainConfig, out: Path | None = None, show_progress: bool = True
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, float]]:
+    """Train the default model from `cfg.seed`; save it to `out` when given. Returns stats too."""
+    torch.set_num_threads(cfg.threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    model, tokenizer = build_default_model(cfg.seed)
+    tasks, facts = build_corpus(tokenizer, cfg)
+    rng = random.Random(cfg.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                            betas=(0.9, 0.98))
+
+    def lr_at(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    n_facts = round(cfg.batch_size * cfg.fact_share)
+    model.train()
+    t0 = time.perf_counter()
+    loss_ema = float("nan")
+    with progress_bar(show_progress) as bar:
+        task = bar.add_task("pretrain", total=cfg.steps)
+        for step in range(cfg.steps):
+            batch = rng.sample(tasks, cfg.batch_size - n_facts) + rng.sample(facts, min(n_facts, len(facts)))
+            loss = model(**collate(batch, tokenizer.pad_token_id)).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            loss_ema = loss.item() if math.isnan(loss_ema) else 0.98 * loss_ema + 0.02 * loss.item()
+            bar.update(task, advance=1, description=f"pretrain loss {loss_ema:.3f}")
+    model.eval()
+    stats = {"seconds": round(time.perf_counter() - t0, 1), "final_loss": round(loss_ema, 4),
+             "parameters": sum(p.numel() for p in model.parameters())}
+    if out is not None:
+        save_model(model, tokenizer, out)
+    return model, tokenizer, stats

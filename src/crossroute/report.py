@@ -1,0 +1,110 @@
+"""`crossroute report`: one self-contained HTML file per run, drawn only from its results/*.json.
+
+Each analysis adds a section renderer to SECTIONS; a renderer returns None when its results are absent.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from .atomic import atomic_write_text
+from .domains import get_domain
+from .errors import CrossrouteError
+from .plots import fig_to_img_tag, heatmap
+from .rundir import RunDir, load_run
+
+Section = Callable[[RunDir], str | None]
+
+
+def table(header: list[str], rows: list[list[Any]]) -> str:
+    """An HTML table; floats print with two decimals."""
+
+    def cell(v: Any) -> str:
+        return f"{v:.2f}" if isinstance(v, float) else html.escape(str(v))
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def section(title: str, body: str) -> str:
+    return f"<section><h2>{html.escape(title)}</h2>{body}</section>"
+
+
+def line_plot(x_labels: list[str], series: dict[str, list[float]], title: str, ylabel: str) -> str:
+    """One line per series over categorical x positions, as an inline <img>."""
+    fig = Figure(figsize=(6.5, 3.6))
+    ax = fig.add_subplot()
+    for name, ys in series.items():
+        ax.plot(range(len(ys)), ys, marker="o", label=name)
+    ax.set_xticks(range(len(x_labels)), labels=x_labels, rotation=30, ha="right")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig_to_img_tag(fig, alt=title)
+
+
+def _domains_section(run: RunDir) -> str | None:
+    ev = run.read_result("eval")
+    if ev is None:
+        return None
+    rows = []
+    for name, detail in ev["details"].items():
+        try:
+            desc = get_domain(name).description
+        except CrossrouteError:
+            desc = "(not resolvable here)"
+        sample = (detail.get("samples") or [{}])[0]
+        rows.append([name, desc, sample.get("prompt", ""), sample.get("reference", "")])
+    return section("Domains", table(["domain", "what it tests", "example prompt", "reference"], rows))
+
+
+def _eval_section(run: RunDir) -> str | None:
+    ev = run.read_result("eval")
+    if ev is None:
+        return None
+    rows = [[d, float(s), ev["details"][d]["n"]] for d, s in ev["scores"].items()]
+    samples = []
+    for d, detail in ev["details"].items():
+        for s in detail.get("samples", [])[:3]:
+            samples.append([d, s["prompt"], s["reference"], s["completion"], float(s["score"])])
+    body = f"<p>Model: <code>{html.escape(str(ev.get('model', '')))}</code>; greedy decoding, held-out split.</p>"
+    body += table(["domain", "score [0-100]", "n"], rows)
+    body += "<h3>Samples</h3>" + table(["domain", "prompt", "reference", "completion", "score"], samples)
+    return section("Evaluation", body)
+
+
+SECTIONS: list[tuple[str, Section]] = [
+    ("domains", _domains_section),
+    ("eval", _eval_section),
+]
+
+CSS = """
+body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:14px}
+th{background:#f3f3f3}section{margin-bottom:2.2em}img{max-width:100%}code{background:#f5f5f5}
+.note{color:#555;font-size:14px}
+"""
+
+
+def build_report(run_dir: str | Path) -> Path:
+    """Render every section whose results exist into RUN_DIR/report.html (atomic write)."""
+    run = load_run(run_dir)
+    parts = [s for _, fn in SECTIONS if (s := fn(run)) is not None]
+    if not parts:
+        parts = ["<p>No results yet in this run directory.</p>"]
+    doc = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>crossroute report</title>"
+        f"<style>{CSS}</style></head><body><h1>crossroute report</h1>"
+        f"<p class='note'>Run <code>{html.escape(str(run.root))}</code>, generated "
+        f"{time.strftime('%Y-%m-%d %H:%M')}.</p>" + "".join(parts) + "</body></html>"
+    )
+    atomic_write_text(run.report_path, doc)
+    return run.report_path
