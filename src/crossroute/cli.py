@@ -87,6 +87,41 @@ def eval_cmd(
 
 
 @app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="YAML config: model, domains, grpo defaults, stages, refresh")],
+    out: Annotated[Path, typer.Option(help="run directory (rerun the same command to resume)")] = Path("runs/train"),
+) -> None:
+    """Sequential single-domain RL (TRL GRPOTrainer), eval after every stage, forgetting matrix, refresh.
+
+    Example: crossroute train configs/default_sequence.yaml --out runs/sequence
+    (GPU: accelerate launch -m crossroute.cli train CONFIG --out DIR)
+    """
+    from .report import build_report
+    from .train import load_train_config, run_training
+
+    cfg = load_train_config(config)
+    result = run_training(cfg, out)
+    print_forgetting(result)
+    console.print(f"report: {build_report(out)}")
+
+
+def print_forgetting(result: dict) -> None:
+    """The forgetting matrix and its summary on the terminal."""
+    rows = {r: dict(zip(result["domains"], m, strict=True)) for r, m in zip(result["rows"], result["matrix"],
+                                                                              strict=True)}
+    console.print(scores_table("forgetting matrix E[stage, domain]", rows, result["domains"]))
+    console.print(f"forgetting per domain: { {k: round(v, 2) for k, v in result['forgetting'].items()} }; "
+                  f"BWT {result['backward_transfer']:.2f}; average {result['average_base']:.2f} -> "
+                  f"{result['average_final']:.2f}")
+    if "refresh" in result:
+        r = result["refresh"]
+        share = "n/a (nothing lost)" if r["recovery_share"] is None else f"{100 * r['recovery_share']:.0f}%"
+        console.print(f"refresh {r['domain']}: {r['before']:.2f} -> {r['after']:.2f} (peak {r['peak']:.2f}, "
+                      f"recovered {share}); others: { {k: round(v, 2) for k, v in r['others_change'].items()} }; "
+                      f"average -> {r['average_after']:.2f}")
+
+
+@app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
     """Write RUN_DIR/report.html: one self-contained HTML file with every section that has results.
 

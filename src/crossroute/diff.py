@@ -10,15 +10,17 @@ import contextlib
 import html
 import json
 import math
+import os
 import re
 import struct
+import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from crossroute.atomic import atomic_write_json
 from crossroute.errors import CrossrouteError
@@ -33,7 +35,6 @@ UNIT_KINDS: tuple[str, ...] = ("neuron", "head", "kv")
 _UNIT_TAG = {"neuron": "mlp", "head": "head", "kv": "kv"}
 CHUNK_ELEMS = 1 << 20  # fp32 entries per streamed block (4 MiB)
 _MEDIAN_SAMPLES = 1 << 16
-_ZERO_BELOW = float(torch.finfo(torch.float32).tiny)  # |δ| under the smallest normal fp32 is "zero"
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(weight|bias)$")
 
 
@@ -194,15 +195,18 @@ def jaccard(a: set, b: set) -> float:
 
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-              "BF16": torch.bfloat16, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+              "BF16": torch.bfloat16, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+              "U8": torch.uint8, "BOOL": torch.bool}
 
 
 @dataclass
 class _TensorInfo:
     file: Path
-    dtype: str
+    dtype: torch.dtype
     shape: list[int]
-    offset: int
+    start: int  # absolute byte offset of the data in `file`
+    nbytes: int
 
 
 @dataclass
@@ -212,17 +216,37 @@ class _Checkpoint:
     config: dict[str, Any] | None
 
 
-def _read_header(path: Path) -> dict[str, Any]:
-    """The JSON header of a safetensors file (8-byte little-endian length, then JSON)."""
+def _read_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """(data start, JSON header) of a safetensors file: 8-byte little-endian length, then JSON."""
     try:
         with open(path, "rb") as fh:
             (n,) = struct.unpack("<Q", fh.read(8))
             header = json.loads(fh.read(n))
-    except (OSError, struct.error, ValueError) as exc:
+    except (OSError, struct.error, ValueError, MemoryError) as exc:
         raise CrossrouteError(f"cannot read safetensors header of {path}: {exc}; "
                               "re-save the checkpoint with save_pretrained") from exc
     header.pop("__metadata__", None)
-    return header
+    return 8 + n, header
+
+
+def _tensor_infos(path: Path) -> dict[str, _TensorInfo]:
+    """Validated tensor locations of one safetensors file (dtype, shape, byte range)."""
+    base, header = _read_header(path)
+    size = path.stat().st_size
+    out = {}
+    for name, meta in header.items():
+        try:
+            dtype = _ST_DTYPES[meta["dtype"]]
+            shape = [int(x) for x in meta["shape"]]
+            begin, end = (int(x) for x in meta["data_offsets"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CrossrouteError(f"tensor '{name}' in {path} has an unsupported or malformed "
+                                  f"header entry ({exc}); re-save the checkpoint") from exc
+        if end - begin != math.prod(shape) * dtype.itemsize or base + end > size or begin < 0:
+            raise CrossrouteError(f"tensor '{name}' in {path} has inconsistent data offsets "
+                                  "(truncated or corrupt file); re-download or re-save it")
+        out[name] = _TensorInfo(path, dtype, shape, base + begin, end - begin)
+    return out
 
 
 def _weight_files(root: Path) -> list[Path]:
@@ -266,9 +290,7 @@ def _load_checkpoint(path: str | Path) -> _Checkpoint:
     files = _weight_files(root)
     tensors: dict[str, _TensorInfo] = {}
     for f in files:
-        for name, meta in _read_header(f).items():
-            tensors[name] = _TensorInfo(f, meta["dtype"], list(meta["shape"]),
-                                        meta["data_offsets"][0])
+        tensors.update(_tensor_infos(f))
     cfg_path = (root if root.is_dir() else root.parent) / "config.json"
     config = None
     if cfg_path.exists():
@@ -383,63 +405,69 @@ def _unit_role(name: str, shape: list[int], layout: _Layout | None) -> _UnitRole
 
 # ----------------------------------------------------------------------------- streaming
 
+_KEY_SHIFT = 16  # key = top 16 bits of |δ| as fp32 = |δ| truncated to bf16 precision
+_N_KEYS = 1 << (31 - _KEY_SHIFT)  # sign bit is clear after abs
+
+
+def _f32_bits(x: float) -> int:
+    return struct.unpack("<I", struct.pack("<f", x))[0]
+
 
 class _Binner:
-    """Counts |δ| against the thresholds and the histogram edges in one bucketize pass."""
+    """Bins |δ| by the top 16 bits of its fp32 pattern (one shift, one bincount per block).
+
+    Threshold counts stay exact: a block with entries in the key bucket holding τ is recounted
+    with a direct comparison. Histogram edges 10**e are truncated to bf16 precision (< 0.8 %).
+    """
 
     def __init__(self, thresholds: Sequence[float]) -> None:
-        edges = [HIST_LOG10_MIN + i * (HIST_LOG10_MAX - HIST_LOG10_MIN) / HIST_BINS
-                 for i in range(HIST_BINS + 1)]
-        self.edges_log10 = edges
+        self.edges_log10 = [HIST_LOG10_MIN + i * (HIST_LOG10_MAX - HIST_LOG10_MIN) / HIST_BINS
+                            for i in range(HIST_BINS + 1)]
+        self.thr = [struct.unpack("<f", struct.pack("<f", t))[0] for t in thresholds]
+        bits = [_f32_bits(t) for t in self.thr]
+        self.thr_key = torch.tensor([b >> _KEY_SHIFT for b in bits])
+        self.thr_exact = [b & ((1 << _KEY_SHIFT) - 1) == 0 for b in bits]
+        self.edge_key = torch.tensor([_f32_bits(10.0**e) >> _KEY_SHIFT for e in self.edges_log10])
 
-        def f32(x: float) -> float:
-            return float(torch.tensor(x, dtype=torch.float32))
+    def block(self, absd: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """Key counts of a block of |δ| (flat fp32) and its exact counts below each threshold."""
+        torch.bitwise_right_shift(absd.view(torch.int32), _KEY_SHIFT, out=key)
+        counts = torch.bincount(key, minlength=_N_KEYS)
+        cum = torch.cumsum(counts, 0)
+        k = self.thr_key
+        vals = torch.cat([torch.where(k > 0, cum[(k - 1).clamp(min=0)], 0), counts[k]]).tolist()
+        n_thr = len(self.thr)
+        below = vals[:n_thr]
+        for i, tau in enumerate(self.thr):
+            if vals[n_thr + i] and not self.thr_exact[i]:
+                below[i] = int(torch.count_nonzero(absd < tau))
+        return counts, below
 
-        self.thr_vals = [f32(t) for t in thresholds]
-        self.edge_vals = [f32(10.0**e) for e in edges]
-        self.zero_val = _ZERO_BELOW
-        values = sorted({self.zero_val, *self.thr_vals, *self.edge_vals})
-        self.pos = {v: i for i, v in enumerate(values)}
-        self.boundaries = torch.tensor(values, dtype=torch.float32)
-        self.n_buckets = len(values) + 1
+    def histogram(self, counts: torch.Tensor) -> list[int]:
+        """[zero, underflow, *bins, overflow] from accumulated key counts."""
+        cum = torch.cumsum(counts, 0)
+        total = int(cum[-1])
+        at = cum[self.edge_key - 1].tolist()  # entries below each (truncated) edge
+        zero = int(counts[0])  # |δ| < 2**-133: zero in practice
+        return [zero, at[0] - zero, *(at[i + 1] - at[i] for i in range(HIST_BINS)),
+                total - at[-1]]
 
-    def count(self, absd: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """Bucket counts (int64, n_buckets) of the non-negative `absd`; `idx` is int32 scratch."""
-        torch.bucketize(absd, self.boundaries, right=True, out_int32=True, out=idx)
-        return torch.bincount(idx.view(-1), minlength=self.n_buckets)
-
-    def cum_below(self, counts: torch.Tensor) -> list[int]:
-        """cum[k] = number of entries < boundaries[k]."""
-        return torch.cumsum(counts, 0).tolist()
-
-    def below(self, cum: list[int]) -> list[int]:
-        return [cum[self.pos[v]] for v in self.thr_vals]
-
-    def zeros(self, cum: list[int]) -> int:
-        return cum[self.pos[self.zero_val]]
-
-    def histogram(self, counts: torch.Tensor) -> DeltaHistogram:
-        cum = self.cum_below(counts)
-        total = cum[-1]
-        at = [cum[self.pos[v]] for v in self.edge_vals]
-        zero = self.zeros(cum)
-        return DeltaHistogram(self.edges_log10, [at[i + 1] - at[i] for i in range(HIST_BINS)],
-                              zero=zero, underflow=at[0] - zero, overflow=total - at[-1])
+    def to_histogram(self, packed: list[int]) -> DeltaHistogram:
+        return DeltaHistogram(self.edges_log10, packed[2:-1], zero=packed[0],
+                              underflow=packed[1], overflow=packed[-1])
 
 
-class _Buffers:
-    """Reusable fp32 scratch space, so streaming allocates nothing per block."""
+class _Scratch:
+    """Per-worker reusable buffers, so streaming allocates nothing per block."""
 
     def __init__(self, n: int) -> None:
+        self.raw_a = bytearray(n * 8)
+        self.raw_b = bytearray(n * 8)
         self.base = torch.empty(n, dtype=torch.float32)
         self.delta = torch.empty(n, dtype=torch.float32)
-        self.idx = torch.empty(n, dtype=torch.int32)
-
-    def view(self, buf: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-        n = math.prod(shape)
-        if n > buf.numel():
-            raise AssertionError("block larger than buffer")
-        return buf[:n].view(*shape)
+        self.sq = torch.empty(n, dtype=torch.float32)
+        self.key = torch.empty(n, dtype=torch.int32)
+        self.ones = torch.ones(n, dtype=torch.float32)
 
 
 def _blocks(shape: list[int], chunk: int) -> Iterator[tuple[int, int]]:
@@ -447,72 +475,138 @@ def _blocks(shape: list[int], chunk: int) -> Iterator[tuple[int, int]]:
     if not shape:
         yield 0, 1
         return
-    row = math.prod(shape[1:]) if len(shape) > 1 else 1
+    row = math.prod(shape[1:])
     step = max(1, chunk // max(row, 1))
     for r0 in range(0, shape[0], step):
         yield r0, min(shape[0], r0 + step)
 
 
-def _read_block(handle: Any, name: str, shape: list[int], r0: int, r1: int) -> torch.Tensor:
-    if not shape:
-        return handle.get_tensor(name).reshape(1)
-    return handle.get_slice(name)[r0:r1]
+def _max_block(shape: list[int], chunk: int) -> int:
+    row = math.prod(shape[1:]) if shape else 1
+    rows = shape[0] if shape else 1
+    return row * min(rows, max(1, chunk // max(row, 1)))
 
 
-def _diff_tensor(
-    name: str, info_a: _TensorInfo, info_b: _TensorInfo, ha: Any, hb: Any,
-    role: _UnitRole | None, binner: _Binner, bufs: _Buffers, chunk: int,
-    thresholds: tuple[float, ...],
-) -> tuple[TensorStats, torch.Tensor, torch.Tensor | None]:
-    """Stream one tensor; returns its stats, its bucket counts and its per-row/col δ² sums."""
-    shape = info_b.shape
-    numel = math.prod(shape)
-    row = math.prod(shape[1:]) if len(shape) > 1 else 1
-    counts = torch.zeros(binner.n_buckets, dtype=torch.int64)
-    unit_sq: torch.Tensor | None = None
-    if role is not None:
-        unit_sq = torch.zeros(shape[role.axis], dtype=torch.float64)
-    base_sq = delta_sq = 0.0
-    max_abs = 0.0
-    stride = max(1, numel // _MEDIAN_SAMPLES)
-    samples: list[torch.Tensor] = []
-    storage_dtype = _ST_DTYPES.get(info_b.dtype)
-    for r0, r1 in _blocks(shape, chunk):
-        a = _read_block(ha, name, shape, r0, r1)
-        b = _read_block(hb, name, shape, r0, r1)
-        if storage_dtype is None:
-            storage_dtype = b.dtype
-        bshape = [r1 - r0, row] if len(shape) > 1 else [a.numel()]
-        base = bufs.view(bufs.base, bshape)
-        delta = bufs.view(bufs.delta, bshape)
-        base.copy_(a.reshape(bshape))
-        delta.copy_(b.reshape(bshape))
-        delta.sub_(base)
-        flat_base, flat_delta = base.view(-1), delta.view(-1)
-        base_sq += float(torch.dot(flat_base, flat_base))
-        delta_sq += float(torch.dot(flat_delta, flat_delta))
-        start = (-(r0 * row)) % stride
-        samples.append(flat_base[start::stride].abs())
-        if unit_sq is not None and role is not None:
-            if len(shape) == 1:
-                unit_sq[r0:r1] += delta.double().square()
-            elif role.axis == 0:
-                unit_sq[r0:r1] += torch.linalg.vector_norm(delta, dim=1).double().square()
-            else:
-                unit_sq += torch.linalg.vector_norm(delta, dim=0).double().square()
-        delta.abs_()
-        max_abs = max(max_abs, float(delta.max()))
-        counts += binner.count(delta, bufs.view(bufs.idx, bshape))
-    cum = binner.cum_below(counts)
-    sample = torch.cat(samples) if samples else torch.zeros(1)
-    eps = torch.finfo(storage_dtype).eps if storage_dtype.is_floating_point else 1.0
-    resolution = 0.5 * eps * float(sample.median()) if sample.numel() else 0.0
-    stats = TensorStats(
-        name=name, shape=list(shape), dtype=str(storage_dtype).removeprefix("torch."),
-        module_type=module_type(name), numel=numel, below=binner.below(cum),
-        zero=binner.zeros(cum), delta_sq=delta_sq, base_sq=base_sq, max_abs=max_abs,
-        resolution=resolution, thresholds=thresholds)
-    return stats, counts, unit_sq
+def _pread(fd: int, buf: bytearray, nbytes: int, offset: int) -> memoryview:
+    view = memoryview(buf)[:nbytes]
+    done = 0
+    while done < nbytes:
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise CrossrouteError(f"unexpected end of file at byte {offset + done}; the "
+                                  "checkpoint is truncated, re-download or re-save it")
+        done += got
+    return view
+
+
+def _prefetch(fd: int, info: _TensorInfo) -> None:
+    """Ask the kernel to start reading a tensor's bytes (overlaps disk reads with compute)."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.posix_fadvise(fd, info.start, info.nbytes, os.POSIX_FADV_WILLNEED)
+
+
+@dataclass
+class _TensorResult:
+    stats: TensorStats
+    hist: list[int]
+    unit_sq: torch.Tensor | None
+
+
+class _Streamer:
+    """Diffs tensors of two open checkpoints; `run(name)` is safe to call from worker threads."""
+
+    def __init__(self, a: _Checkpoint, b: _Checkpoint, layout: _Layout | None,
+                 thresholds: tuple[float, ...], chunk: int) -> None:
+        self.a, self.b, self.layout, self.chunk = a, b, layout, chunk
+        self.thresholds = thresholds
+        self.binner = _Binner(thresholds)
+        self.block_elems = max([chunk] + [_max_block(i.shape, chunk) for i in a.tensors.values()])
+        self.fds: dict[Path, int] = {}
+        self._local = threading.local()
+
+    def __enter__(self) -> _Streamer:
+        for ck in (self.a, self.b):
+            for info in ck.tensors.values():
+                if info.file not in self.fds:
+                    self.fds[info.file] = os.open(info.file, os.O_RDONLY)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+    def prefetch(self, name: str) -> None:
+        for ck in (self.a, self.b):
+            info = ck.tensors[name]
+            _prefetch(self.fds[info.file], info)
+
+    def _scratch(self) -> _Scratch:
+        s = getattr(self._local, "scratch", None)
+        if s is None:
+            s = self._local.scratch = _Scratch(self.block_elems)
+        return s
+
+    def _read(self, info: _TensorInfo, buf: bytearray, r0: int, r1: int) -> torch.Tensor:
+        row = math.prod(info.shape[1:]) if info.shape else 1
+        n = (r1 - r0) * row
+        size = info.dtype.itemsize
+        view = _pread(self.fds[info.file], buf, n * size, info.start + r0 * row * size)
+        return torch.frombuffer(view, dtype=info.dtype, count=n) if n else torch.empty(0)
+
+    def run(self, name: str) -> _TensorResult:
+        """Stream one tensor block by block; returns its stats, histogram and per-unit δ² sums."""
+        ia, ib = self.a.tensors[name], self.b.tensors[name]
+        shape = ib.shape
+        role = _unit_role(name, shape, self.layout)
+        s = self._scratch()
+        numel = math.prod(shape)
+        row = math.prod(shape[1:]) if len(shape) > 1 else 1
+        key_counts = torch.zeros(_N_KEYS, dtype=torch.int64)
+        unit_sq = torch.zeros(shape[role.axis], dtype=torch.float64) if role else None
+        below = [0] * len(self.thresholds)
+        base_sq = delta_sq = max_abs = 0.0
+        stride = max(1, numel // _MEDIAN_SAMPLES)
+        samples: list[torch.Tensor] = []
+        for r0, r1 in _blocks(shape, self.chunk):
+            n = (r1 - r0) * row
+            base, delta = s.base[:n], s.delta[:n]
+            base.copy_(self._read(ia, s.raw_a, r0, r1))
+            delta.copy_(self._read(ib, s.raw_b, r0, r1))
+            delta.sub_(base)
+            base_sq += float(torch.dot(base, base))
+            delta_sq += float(torch.dot(delta, delta))
+            samples.append(base[(-(r0 * row)) % stride::stride].abs())
+            if unit_sq is not None and role is not None:
+                self._unit_block(role, shape, delta, s, unit_sq, r0, r1)
+            delta.abs_()
+            max_abs = max(max_abs, float(delta.max()))
+            counts, blk_below = self.binner.block(delta, s.key[:n])
+            key_counts += counts
+            below = [x + y for x, y in zip(below, blk_below, strict=True)]
+        sample = torch.cat(samples)
+        eps = torch.finfo(ib.dtype).eps if ib.dtype.is_floating_point else 1.0
+        stats = TensorStats(
+            name=name, shape=list(shape), dtype=str(ib.dtype).removeprefix("torch."),
+            module_type=module_type(name), numel=numel, below=below, zero=int(key_counts[0]),
+            delta_sq=delta_sq, base_sq=base_sq, max_abs=max_abs,
+            resolution=0.5 * eps * float(sample.median()) if sample.numel() else 0.0,
+            thresholds=self.thresholds)
+        return _TensorResult(stats, self.binner.histogram(key_counts), unit_sq)
+
+    @staticmethod
+    def _unit_block(role: _UnitRole, shape: list[int], delta: torch.Tensor, s: _Scratch,
+                    unit_sq: torch.Tensor, r0: int, r1: int) -> None:
+        """Add this block's per-row (or per-column) sums of δ² to `unit_sq`."""
+        if len(shape) == 1:
+            unit_sq[r0:r1] += delta.double().square()
+            return
+        mat = delta.view(r1 - r0, -1)
+        if role.axis == 0:
+            unit_sq[r0:r1] += torch.linalg.vector_norm(mat, dim=1).double().square()
+        else:
+            sq = torch.mul(delta, delta, out=s.sq[: delta.numel()]).view(r1 - r0, -1)
+            unit_sq += torch.mv(sq.T, s.ones[: r1 - r0]).double()
 
 
 def _unit_scores(role: _UnitRole, unit_sq: torch.Tensor) -> torch.Tensor:
@@ -521,10 +615,14 @@ def _unit_scores(role: _UnitRole, unit_sq: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _open_all(ckpt: _Checkpoint) -> Iterator[dict[Path, Any]]:
-    with contextlib.ExitStack() as stack:
-        files = dict.fromkeys(info.file for info in ckpt.tensors.values())
-        yield {f: stack.enter_context(safe_open(str(f), framework="pt")) for f in files}
+def _single_threaded_torch() -> Iterator[None]:
+    """Workers run torch ops on one intra-op thread each (no OpenMP barriers between them)."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
 
 
 def _top_units(scores: dict[str, list[list[float]]], pct: float) -> dict[str, list[str]]:
@@ -545,10 +643,11 @@ def diff_checkpoints(
     thresholds: Sequence[float] = THRESHOLDS,
     progress: bool = False,
     chunk_elems: int = CHUNK_ELEMS,
+    workers: int | None = None,
 ) -> UpdateAnatomy:
     """Stream δ = ckpt − base (fp32) tensor by tensor and return its anatomy (DESIGN.md §2.2).
 
-    Thresholds compare |δ| < fp32(τ). τ is *below the resolution* of a tensor when
+    Thresholds compare |δ| < fp32(τ) exactly. τ is *below the resolution* of a tensor when
     τ < ½·eps(storage dtype of ckpt)·median|θ_base| (median over ≤65 536 evenly strided entries):
     an update that small to an entry of typical size is rounded away when stored.
     """
@@ -556,42 +655,40 @@ def diff_checkpoints(
     a, b = _load_checkpoint(base), _load_checkpoint(ckpt)
     _check_same_architecture(a, b)
     layout = _layout(a)
-    binner = _Binner(thresholds)
-    bufs = _Buffers(max([chunk_elems] + [_max_block(i.shape, chunk_elems)
-                                         for i in a.tensors.values()]))
-    names = sorted(a.tensors, key=lambda n: (str(a.tensors[n].file), a.tensors[n].offset))
+    names = sorted(a.tensors, key=lambda n: (str(a.tensors[n].file), a.tensors[n].start))
+    n_workers = max(1, workers or min(os.cpu_count() or 1, torch.get_num_threads()))
     tensors: list[TensorStats] = []
-    total = torch.zeros(binner.n_buckets, dtype=torch.int64)
+    hist = [0] * (HIST_BINS + 3)
     unit_acc: dict[str, dict[int, torch.Tensor]] = {k: {} for k in UNIT_KINDS}
-    with _open_all(a) as fa, _open_all(b) as fb, _progress(progress, len(names), b.root) as tick:
-        for name in names:
-            ia, ib = a.tensors[name], b.tensors[name]
-            role = _unit_role(name, ia.shape, layout)
-            stats, counts, unit_sq = _diff_tensor(name, ia, ib, fa[ia.file], fb[ib.file], role,
-                                                  binner, bufs, chunk_elems, thresholds)
-            tensors.append(stats)
-            total += counts
-            if role is not None and unit_sq is not None:
-                per_unit = _unit_scores(role, unit_sq)
+    with (_Streamer(a, b, layout, thresholds, chunk_elems) as streamer,
+          _single_threaded_torch(), ThreadPoolExecutor(n_workers) as pool,
+          _progress(progress, len(names), b.root) as tick):
+
+        def job(i: int) -> _TensorResult:
+            for ahead in names[i:i + n_workers + 1]:
+                streamer.prefetch(ahead)
+            return streamer.run(names[i])
+
+        for res in pool.map(job, range(len(names))):
+            tensors.append(res.stats)
+            hist = [x + y for x, y in zip(hist, res.hist, strict=True)]
+            role = _unit_role(res.stats.name, res.stats.shape, layout)
+            if role is not None and res.unit_sq is not None:
+                per_unit = _unit_scores(role, res.unit_sq)
                 acc = unit_acc[role.kind]
                 acc[role.layer] = acc[role.layer] + per_unit if role.layer in acc else per_unit
-            tick(name)
+            tick(res.stats.name)
     scores = {kind: _per_layer_lists(acc) for kind, acc in unit_acc.items()}
     tensors.sort(key=lambda t: _natural_key(t.name))
     return UpdateAnatomy(
         base=str(base), ckpt=str(ckpt), thresholds=thresholds, top_k_percent=top_k_percent,
         tensors=tensors, unit_scores=scores, top_units=_top_units(scores, top_k_percent),
-        histogram=binner.histogram(total), layout=layout.to_json() if layout else {})
+        histogram=streamer.binner.to_histogram(hist), layout=layout.to_json() if layout else {})
 
 
 def _natural_key(name: str) -> list[Any]:
     """Sort key that orders layers.2 before layers.10."""
     return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", name)]
-
-
-def _max_block(shape: list[int], chunk: int) -> int:
-    row = math.prod(shape[1:]) if len(shape) > 1 else 1
-    return row * max(1, chunk // max(row, 1)) if len(shape) > 1 else min(chunk, max(1, row))
 
 
 def _per_layer_lists(acc: dict[int, torch.Tensor]) -> list[list[float]]:

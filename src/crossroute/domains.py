@@ -217,10 +217,10 @@ def kb_facts() -> list[str]:
 
 def _gen_math(rng: random.Random) -> Example:
     n_ops = rng.choice([1, 1, 2, 3])
-    expr = str(rng.randint(0, 49))
+    expr = str(rng.randint(0, 29))
     for _ in range(n_ops):
         op = rng.choice("+-")
-        expr += op + str(rng.randint(0, 49))
+        expr += op + str(rng.randint(0, 29))
     return Example(f"M:{expr}=", str(eval(expr)))  # only digits and +/-: safe to evaluate
 
 

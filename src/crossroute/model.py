@@ -82,10 +82,13 @@ def check_checkpoint_dir(path: str | Path, need_tokenizer: bool = True) -> Path:
     except json.JSONDecodeError as e:
         raise CrossrouteError(f"{cfg_file}: invalid JSON at line {e.lineno} ({e.msg}).") from None
     model_type = cfg.get("model_type")
-    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    archs = cfg.get("architectures") or []
+    causal = (any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) if archs
+              else model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    if not causal or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise CrossrouteError(
-            f"{cfg_file}: model_type {model_type!r} is not a causal language model; crossroute needs a "
-            "decoder-only checkpoint (e.g. qwen3, llama)."
+            f"{cfg_file}: model_type {model_type!r} ({', '.join(archs) or 'no architectures'}) is not a causal "
+            "language model; crossroute needs a decoder-only checkpoint (e.g. Qwen3ForCausalLM, LlamaForCausalLM)."
         )
     safetensors_files(path)
     if need_tokenizer and not any((path / f).exists() for f in TOKENIZER_FILES):

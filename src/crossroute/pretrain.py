@@ -25,7 +25,7 @@ class PretrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     seed: int = 0
-    steps: int = 1800
+    steps: int = 2000
     batch_size: int = 64
     learning_rate: float = 3e-3
     warmup_steps: int = 100

@@ -95,7 +95,10 @@ def grpo_kwargs(cfg: TrainConfig, stage: StageConfig, output_dir: str) -> dict[s
                "save_strategy": "no"})
     if not torch.cuda.is_available():
         # CPU: no bf16, no gradient checkpointing (DESIGN.md section 4).
-        kw.update({"use_cpu": True, "bf16": False, "gradient_checkpointing": False})
+        kw.update({"use_cpu": True, "bf16": False})
+        for key in ("gradient_checkpointing", "activation_checkpointing"):
+            if key in kw:
+                kw[key] = False
     if kw.get("use_vllm"):
         try:
             import vllm  # noqa: F401
@@ -147,11 +150,11 @@ def parse_train_config(raw: dict[str, Any], where: str = "config") -> TrainConfi
         cfg = TrainConfig.model_validate(raw)
     except ValidationError as e:
         err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        loc = ".".join(str(x) for x in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown field (typo?)"
-        raise CrossrouteError(f"{where}: field {loc}: {msg}") from None
+        raise CrossrouteError(f"{where}: field {loc}: {msg}" if loc else f"{where}: {msg}") from None
     except CrossrouteError as e:
         raise CrossrouteError(f"{where}: field domains: {e}") from None
     for i, st in enumerate(cfg.stages + ([cfg.refresh] if cfg.refresh else [])):
