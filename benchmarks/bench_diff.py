@@ -1,6 +1,6 @@
-"""Benchmark the streaming diff against raw read throughput on two ~1.2 GB Qwen3-0.6B-shaped checkpoints.
+"""Streaming diff vs raw read throughput on two ~1.2 GB Qwen3-0.6B-shaped checkpoints.
 
-Usage: python benchmarks/bench_diff.py [--dir /tmp] [--dtype bf16] [--out benchmarks/RESULTS_diff.md]
+Usage: python benchmarks/bench_diff.py [--dir /tmp] [--dtype bf16] [--out RESULTS_diff.md]
 
 Files are generated in a child process (so its memory does not count), then this process
 measures raw read throughput of all bytes of both checkpoints and the diff throughput, both with
@@ -161,6 +161,7 @@ def main() -> None:
         total = sum(f.stat().st_size for f in files)
         largest = max(math.prod(s) for s in all_shapes().values()) * dtype.itemsize
         rss0 = psutil.Process().memory_info().rss
+        load = os.getloadavg()[0]
         rows = []
         for mode in ("cold", "warm"):
             if mode == "cold" and not drop_caches():
@@ -175,7 +176,7 @@ def main() -> None:
             rows.append((mode, total / raw_s, total / diff_s, diff_s))
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         summary = res.to_json(include_unit_scores=False)
-        report = render(args, rows, total, largest, peak, rss0, gen_s, summary)
+        report = render(args, rows, total, largest, peak, rss0, gen_s, summary, load)
         print(report)
         Path(args.out).write_text(report)
     finally:
@@ -183,14 +184,15 @@ def main() -> None:
 
 
 def render(args: argparse.Namespace, rows: list, total: int, largest: int, peak: int,
-           rss0: int, gen_s: float, summary: dict) -> str:
+           rss0: int, gen_s: float, summary: dict, load: float) -> str:
     bar_rss = 2 * largest + 500e6
     lines = [
         "## Diff throughput (issue 4)", "",
         f"- Machine: {os.cpu_count()} CPUs (`nproc` {len(os.sched_getaffinity(0))}), "
         f"{cpu_model()}, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM; "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads); "
-        f"{dt.date.today().isoformat()}.",
+        f"{dt.date.today().isoformat()}; 1-min load average {load:.1f} when measuring "
+        "(other jobs shared the machine).",
         f"- Checkpoints: two Qwen3-0.6B-shaped random {args.dtype} checkpoints, "
         f"{total / 2 / 1e9:.2f} GB each ({total / 1e9:.2f} GB read per diff), "
         f"~{args.shard_mb} MB shards; ckpt = base + N(0, 1e-3) on 15 % of entries "

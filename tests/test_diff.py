@@ -239,3 +239,19 @@ def test_jaccard_properties(a: set[int], b: set[int]) -> None:
     if not a and not b:
         assert j == 0.0
     assert (j == 1.0) == (bool(a) and a == b)
+
+
+def test_threshold_counts_exact_at_the_boundary(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tau = torch.tensor(1e-7, dtype=torch.float32)
+    below = torch.nextafter(tau, torch.tensor(0.0))
+    above = torch.nextafter(tau, torch.tensor(1.0))
+    delta = torch.stack([tau, below, below, above, tau * 0.999, tau * 1.001, torch.tensor(0.0)])
+    base = torch.full((3, 7), 0.0)
+    for sub, value in (("a", base), ("b", base + delta)):
+        (tmp_path / sub).mkdir()
+        save_file({"model.norm.weight": value}, str(tmp_path / sub / "model.safetensors"))
+    res = diff_checkpoints(tmp_path / "a", tmp_path / "b", thresholds=(1e-7,), chunk_elems=7)
+    assert res.tensors[0].below == [3 * 4]  # below, below, 0.999 τ, 0 in each of 3 rows
+    assert res.histogram.zero == 3

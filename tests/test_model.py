@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny
 from hypothesis import given
 from hypothesis import strategies as st
 
+from conftest import make_tiny
 from crossroute.errors import CrossrouteError
 from crossroute.model import DEFAULT_CHECKPOINT, load_model, resolve_model_path, save_model
 from crossroute.tokenizer import CHARSET, build_char_tokenizer
@@ -71,7 +71,7 @@ def test_non_causal_config(tmp_path: Path, tiny_ckpt: Path) -> None:
     cfg["model_type"] = "bert"
     cfg["architectures"] = ["BertForMaskedLM"]
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CrossrouteError, match="'bert' \(BertForMaskedLM\) is not a causal language model"):
+    with pytest.raises(CrossrouteError, match=r"'bert' \(BertForMaskedLM\) is not a causal language model"):
         load_model(d)
 
 

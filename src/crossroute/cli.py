@@ -45,6 +45,7 @@ def pretrain(
 
     Example: crossroute pretrain --out runs/pretrained --seed 0
     """
+    from .atomic import atomic_write_json
     from .domains import BUILTIN, DEFAULT_DOMAINS
     from .evaluate import evaluate_all
     from .pretrain import PretrainConfig
@@ -53,6 +54,8 @@ def pretrain(
     cfg = PretrainConfig(seed=seed, **({"steps": steps} if steps is not None else {}))
     model, tok, stats = run_pretrain(cfg, out=out)
     scores = evaluate_all(model, tok, [BUILTIN[d] for d in DEFAULT_DOMAINS], n=eval_n, show_progress=True)
+    atomic_write_json(out / "scores.json", {"config": cfg.model_dump(), **stats, "eval_n": eval_n,
+                                            "scores": {k: v.score for k, v in scores.items()}})
     console.print(scores_table(f"pretrained ({stats['seconds']} s)", {"held-out": {k: v.score for k, v in
                                                                                   scores.items()}},
                                list(scores)))
@@ -122,6 +125,55 @@ def print_forgetting(result: dict) -> None:
 
 
 @app.command()
+def diff(
+    paths: Annotated[list[Path], typer.Argument(help="BASE CKPT... (checkpoint dirs), or one run directory")],
+    out: Annotated[Path | None, typer.Option(help="run directory for results/diff.json (default: the run)")] = None,
+    top_k: Annotated[float, typer.Option(help="top-k % changed units per kind")] = 1.0,
+) -> None:
+    """Update anatomy of each checkpoint against its predecessor, streamed tensor by tensor (fp32).
+
+    Example: crossroute diff runs/demo    or    crossroute diff BASE STAGE1 STAGE2 --out runs/diff
+    """
+    from .diff import diff_sequence, write_diff_results
+    from .report import build_report
+    from .rundir import load_run, open_run
+
+    if len(paths) == 1:
+        run = load_run(paths[0])
+        ckpts, names = run_checkpoints(run)
+        if out is not None:
+            run = open_run(out, {"checkpoints": [str(c) for c in ckpts]}, kind="diff")
+    else:
+        ckpts, names = list(paths), [p.name for p in paths]
+        run = open_run(out or Path("runs/diff"), {"checkpoints": [str(c) for c in ckpts]}, kind="diff")
+    result = diff_sequence(ckpts, top_k_percent=top_k, progress=True)
+    data = result.to_json()
+    data["stage_names"] = names[1:]
+    write_diff_results(data, run.root)
+    for name, st in zip(names[1:], data["stages"], strict=True):
+        below = ", ".join(f"<{t:g}: {100 * f:.1f}%" for t, f in zip(st["thresholds"], st["below_fraction"],
+                                                                     strict=True))
+        console.print(f"{name}: {below}; rel. change {st['rel_change']:.2e}")
+    console.print(f"wrote {run.results / 'diff.json'}; report: {build_report(run.root)}")
+
+
+def run_checkpoints(run: object) -> tuple[list[Path], list[str]]:
+    """The base checkpoint and every sequence stage's checkpoint of a train run, in order."""
+    from .model import resolve_model_path
+    from .train import TrainConfig, stage_names
+
+    raw = dict(run.read_config())  # type: ignore[attr-defined]
+    raw.pop("kind", None)
+    cfg = TrainConfig.model_validate(raw)
+    names = [n for n in stage_names(cfg) if not n.startswith("refresh_")]
+    ckpts = [resolve_model_path(cfg.model)] + [run.checkpoint(n) for n in names]  # type: ignore[attr-defined]
+    missing = [c for c in ckpts[1:] if not (c / "config.json").exists()]
+    if missing:
+        raise CrossrouteError(f"{missing[0]}: stage checkpoint missing; finish the run first (crossroute train).")
+    return ckpts, ["base", *names]
+
+
+@app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
     """Write RUN_DIR/report.html: one self-contained HTML file with every section that has results.
 
@@ -134,16 +186,16 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> 
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option(help="run directory of the demo")] = Path("runs/demo"),
-    n: Annotated[int, typer.Option(help="held-out prompts per domain")] = 100,
+    out: Annotated[Path, typer.Option(help="run directory of the demo (rerun to resume)")] = Path("runs/demo"),
+    eval_n: Annotated[int | None, typer.Option(help="held-out prompts per domain (default: the config's)")] = None,
 ) -> None:
-    """The end-to-end pipeline on the embedded default: eval, then every later stage, then the report.
+    """The end-to-end pipeline on the embedded default: RL sequence + refresh, then the report.
 
     Example: crossroute demo --out runs/demo
     """
     from .demo import run_demo
 
-    run_demo(out, n=n)
+    run_demo(out, eval_n=eval_n)
 
 
 def main() -> None:

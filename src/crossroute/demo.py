@@ -1,26 +1,29 @@
-"""`crossroute demo`: the whole pipeline on the embedded default, each stage resuming if already done."""
+"""`crossroute demo`: the whole pipeline on the embedded default, each part resuming if already done."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
-from .domains import BUILTIN, DEFAULT_DOMAINS
-from .evaluate import evaluate_all, scores_json
-from .model import DEFAULT_CHECKPOINT, load_model
+from .model import ASSETS
 from .progress import console
 from .report import build_report
-from .rundir import open_run
+from .train import load_train_config, run_training
+
+DEMO_CONFIG = ASSETS / "demo_sequence.yaml"  # identical to configs/default_sequence.yaml (a test checks)
 
 
-def run_demo(out: Path, n: int = 100) -> Path:
-    """Evaluate the shipped default, run the later stages, and write the report; returns the report path."""
-    run = open_run(out, {"model": "default", "domains": list(DEFAULT_DOMAINS), "n": n}, kind="demo")
-    if run.read_result("eval") is None:
-        loaded = load_model(DEFAULT_CHECKPOINT)
-        scores = evaluate_all(loaded.model, loaded.tokenizer, [BUILTIN[d] for d in DEFAULT_DOMAINS], n=n,
-                              show_progress=True)
-        run.write_result("eval", {"model": "default", **scores_json(scores)})
-        console.print({k: v.score for k, v in scores.items()})
-    path = build_report(run.root)
+def run_demo(out: Path, eval_n: int | None = None) -> Path:
+    """Sequence + refresh on the shipped default, then the report; returns the report path."""
+    from .cli import print_forgetting
+
+    cfg = load_train_config(DEMO_CONFIG)
+    if eval_n is not None:
+        cfg.eval_n = eval_n
+    t0 = time.perf_counter()
+    result = run_training(cfg, out)
+    print_forgetting(result)
+    console.print(f"sequence + refresh: {time.perf_counter() - t0:.0f} s")
+    path = build_report(out)
     console.print(f"report: {path}")
     return path

@@ -11,7 +11,6 @@ from typing import Any
 import torch
 import transformers
 from transformers import (
-    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,

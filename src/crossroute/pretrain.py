@@ -93,7 +93,7 @@ def pretrain(
     loss_ema = float("nan")
     with progress_bar(show_progress) as bar:
         task = bar.add_task("pretrain", total=cfg.steps)
-        for step in range(cfg.steps):
+        for _ in range(cfg.steps):
             batch = rng.sample(tasks, cfg.batch_size - n_facts) + rng.sample(facts, min(n_facts, len(facts)))
             loss = model(**collate(batch, tokenizer.pad_token_id)).loss
             opt.zero_grad(set_to_none=True)

@@ -110,10 +110,18 @@ def _forgetting_section(run: RunDir) -> str | None:
     return section("Sequential RL: forgetting matrix", body)
 
 
+def _diff_section(run: RunDir) -> str | None:
+    from .diff import render_diff_section
+
+    res = run.read_result("diff")
+    return None if res is None else render_diff_section(res)
+
+
 SECTIONS: list[tuple[str, Section]] = [
     ("domains", _domains_section),
     ("eval", _eval_section),
     ("forgetting", _forgetting_section),
+    ("diff", _diff_section),
 ]
 
 CSS = """

@@ -1,0 +1,55 @@
+"""Pretraining of the embedded default: deterministic from a seed; the shipped checkpoint is reproducible."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from crossroute.domains import BUILTIN, DEFAULT_DOMAINS
+from crossroute.evaluate import evaluate_all
+from crossroute.model import DEFAULT_CHECKPOINT, load_model
+from crossroute.pretrain import PretrainConfig, collate, pretrain
+from crossroute.tokenizer import build_char_tokenizer
+
+
+def test_collate_masks_prompt_and_padding() -> None:
+    tok = build_char_tokenizer()
+    from crossroute.pretrain import _encode
+
+    ids, labels = _encode(tok, "M:1+2=", "3")
+    assert labels == [-100] * 6 + [tok.convert_tokens_to_ids("3"), tok.eos_token_id]
+    batch = collate([(ids, labels), ([5, 6], [5, 6])], tok.pad_token_id)
+    assert batch["input_ids"].shape == (2, 8)
+    assert batch["attention_mask"][1].tolist() == [1, 1, 0, 0, 0, 0, 0, 0]
+    assert batch["labels"][1, 2:].eq(-100).all()
+
+
+def test_same_seed_same_weights_different_seed_different() -> None:
+    cfg = PretrainConfig(steps=3, batch_size=8, pool_per_domain=50)
+    a, _, _ = pretrain(cfg, show_progress=False)
+    b, _, _ = pretrain(cfg, show_progress=False)
+    c, _, _ = pretrain(cfg.model_copy(update={"seed": 1}), show_progress=False)
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert torch.equal(pa, pb), n
+    assert any(not torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters(), strict=True))
+
+
+def test_shipped_default_scores_are_recorded() -> None:
+    scores = json.loads((DEFAULT_CHECKPOINT / "scores.json").read_text())
+    loaded = load_model(DEFAULT_CHECKPOINT)
+    got = evaluate_all(loaded.model, loaded.tokenizer, [BUILTIN[d] for d in DEFAULT_DOMAINS], n=100)
+    for d in DEFAULT_DOMAINS:
+        assert got[d].score == pytest.approx(scores["scores"][d], abs=1e-6)
+        assert 15.0 <= got[d].score <= 85.0  # learned, with headroom for RL
+
+
+@pytest.mark.slow
+def test_regenerated_default_scores_within_a_few_points(tmp_path: Path) -> None:
+    shipped = json.loads((DEFAULT_CHECKPOINT / "scores.json").read_text())["scores"]
+    model, tok, _ = pretrain(PretrainConfig(), out=tmp_path / "regen", show_progress=False)
+    got = evaluate_all(model, tok, [BUILTIN[d] for d in DEFAULT_DOMAINS], n=100)
+    for d in DEFAULT_DOMAINS:
+        assert abs(got[d].score - shipped[d]) <= 5.0, (d, got[d].score, shipped[d])
