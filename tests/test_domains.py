@@ -170,3 +170,15 @@ def test_parse_domains_errors() -> None:
         parse_domains("math,math")
     with pytest.raises(CrossrouteError, match="no domains"):
         parse_domains(" , ")
+
+
+def test_jsonl_with_tests_is_a_sandboxed_code_domain(tmp_path: Path) -> None:
+    from crossroute.sandbox import CodeDomain
+
+    rows = [json.dumps({"prompt": f"def f(): return {i}", "tests": f"assert f() == {i}"}) for i in range(6)]
+    d = get_domain(f"pycode={_write(tmp_path / 'c.jsonl', rows)}")
+    assert isinstance(d, CodeDomain) and d.name == "pycode"
+    ex = (d.examples("train") + d.examples("eval"))[0]
+    want = ex.rubric["tests"].split("== ")[1]
+    assert d.score(ex, f"def f():\n    return {want}") == 1.0
+    assert d.score(ex, "def f():\n    return -1") == 0.0

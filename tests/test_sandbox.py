@@ -78,6 +78,8 @@ HOSTILE = {
     "write_outside": ("open('/tmp/crossroute-escaped.txt', 'w').write('x')", "escape_attempt"),
     "connect": ("import socket\nsocket.create_connection(('127.0.0.1', 9))", "escape_attempt"),
     "socket": ("import socket\ns = socket.socket()", "escape_attempt"),
+    "unix_connect": ("import socket\nsocket.socket(socket.AF_UNIX).connect('/run/x.sock')",
+                     "escape_attempt"),
     "fork_bomb": ("import os\nwhile True: os.fork()", "escape_attempt"),
     "subprocess": ("import subprocess\nsubprocess.run(['true'])", "escape_attempt"),
     "ctypes": ("import ctypes\nctypes.CDLL(None)", "escape_attempt"),
@@ -105,6 +107,19 @@ def test_socket_refused_without_network_namespace() -> None:
     res = run_sandboxed("import socket\nsocket.create_connection(('127.0.0.1', 9))", "pass",
                         SandboxLimits(namespaces=False))
     assert (res.passed, res.reason) == (False, "escape_attempt")
+
+
+@pytest.mark.parametrize("name", ["read_outside", "fork_bomb", "allocate_10gb", "print_10mb"])
+def test_guards_hold_without_namespaces(name: str) -> None:
+    code, reason = HOSTILE[name]
+    res = run_sandboxed(code, "pass", SandboxLimits(namespaces=False))
+    assert (res.passed, res.reason) == (False, reason)
+    _assert_no_strays()
+
+
+def test_missing_tests_is_an_error_not_a_pass() -> None:
+    with pytest.raises(CrossrouteError, match="no tests"):
+        code_reward(["p"], [SOLUTION], tests=[""])
 
 
 def test_refused_escape_is_zero_even_if_caught() -> None:
@@ -152,6 +167,15 @@ def test_unguarded_fork_bomb_is_contained() -> None:
     _assert_no_strays()
 
 
+def test_ordinary_stdlib_use_is_not_an_escape() -> None:
+    code = ("import asyncio, tempfile, threading, logging, uuid, datetime\n"
+            "async def main():\n    return 42\n"
+            "with tempfile.TemporaryDirectory() as d:\n    open(d + '/x', 'w').write('1')\n"
+            "logging.getLogger().warning('hi')\nANSWER = asyncio.run(main())\n")
+    res = run_sandboxed(code, "assert ANSWER == 42")
+    assert (res.passed, res.reason) == (True, "ok"), res
+
+
 def test_temp_dir_is_removed() -> None:
     res = run_sandboxed("import os\nprint(os.getcwd())\nopen('scratch.txt', 'w').write('hi')", "pass")
     assert res.passed
@@ -167,7 +191,7 @@ def test_environment_is_minimal() -> None:
     finally:
         del os.environ["CROSSROUTE_SECRET_TEST"]
     assert res.passed
-    assert set(eval(res.stdout)) <= {"PATH", "LANG", "LC_CTYPE"}
+    assert set(eval(res.stdout)) <= {"PATH", "LANG", "LC_CTYPE", "TMPDIR"}
 
 
 def test_code_reward_trl_shape_and_reasons() -> None:

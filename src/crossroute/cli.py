@@ -11,6 +11,7 @@ from rich.table import Table
 
 from .errors import CrossrouteError
 from .progress import console
+from .rundir import RunDir
 
 app = typer.Typer(
     add_completion=False,
@@ -137,6 +138,7 @@ def diff(
     from .diff import diff_sequence, write_diff_results
     from .report import build_report
     from .rundir import load_run, open_run
+    from .train import run_checkpoints
 
     if len(paths) == 1:
         run = load_run(paths[0])
@@ -157,20 +159,69 @@ def diff(
     console.print(f"wrote {run.results / 'diff.json'}; report: {build_report(run.root)}")
 
 
-def run_checkpoints(run: object) -> tuple[list[Path], list[str]]:
-    """The base checkpoint and every sequence stage's checkpoint of a train run, in order."""
-    from .model import resolve_model_path
-    from .train import TrainConfig, stage_names
+def analysis_run(out: Path, config: dict, kind: str) -> RunDir:
+    """An existing run directory (results are added to it), or a new one for this analysis."""
+    from .rundir import RunDir, open_run
 
-    raw = dict(run.read_config())  # type: ignore[attr-defined]
-    raw.pop("kind", None)
-    cfg = TrainConfig.model_validate(raw)
-    names = [n for n in stage_names(cfg) if not n.startswith("refresh_")]
-    ckpts = [resolve_model_path(cfg.model)] + [run.checkpoint(n) for n in names]  # type: ignore[attr-defined]
-    missing = [c for c in ckpts[1:] if not (c / "config.json").exists()]
-    if missing:
-        raise CrossrouteError(f"{missing[0]}: stage checkpoint missing; finish the run first (crossroute train).")
-    return ckpts, ["base", *names]
+    if (out / "run.yaml").exists():
+        return RunDir(out)
+    return open_run(out, config, kind=kind)
+
+
+@app.command()
+def routes(
+    model: Annotated[str, typer.Argument(help="checkpoint directory, or 'default'")],
+    domains: DomainsOpt = "math,code,qa,cw",
+    n: Annotated[int, typer.Option(help="probe prompts (with reference answers) per domain")] = 64,
+    q: Annotated[float, typer.Option(help="active set = per-layer top-q % of units")] = 10.0,
+    batch_size: Annotated[int, typer.Option(help="micro-batch size")] = 16,
+    out: Annotated[Path, typer.Option(help="run directory (an existing run gains results/routes.json)")] = Path(
+        "runs/routes"),
+) -> None:
+    """Active routes: per-unit activity per domain (hooks on down_proj / o_proj), active-set overlaps.
+
+    Example: crossroute routes default --domains math,code,qa,cw --out runs/demo
+    """
+    from .report import build_report
+    from .routes import run_routes
+
+    run = analysis_run(out, {"model": model, "domains": domains, "n": n, "q": q}, kind="routes")
+    res = run_routes(model, domains, n=n, q=q, run_dir=run.root, batch_size=batch_size, show_progress=True)
+    for kind, m in res.jaccard.items():
+        console.print(scores_table(f"Jaccard of active {kind} sets (top {q:g} %)",
+                                   {a: dict(zip(res.domains, row, strict=True)) for a, row in
+                                    zip(res.domains, m, strict=True)}, res.domains))
+    console.print(f"wrote {run.results / 'routes.json'}; report: {build_report(run.root)}")
+
+
+@app.command()
+def conflict(
+    model: Annotated[str, typer.Argument(help="checkpoint directory, or 'default'")],
+    domains: Annotated[str, typer.Option("--domains", "-d", help="two domains A,B")] = "math,qa",
+    n: Annotated[int, typer.Option(help="examples per domain for each gradient")] = 64,
+    batch_size: Annotated[int, typer.Option(help="micro-batch size (memory bound)")] = 16,
+    out: Annotated[Path, typer.Option(help="run directory (an existing run gains results/conflict_A_B.json)")] = Path(
+        "runs/conflict"),
+) -> None:
+    """Module-level gradient conflict between two domains: global cosine vs per-module cosines.
+
+    Example: crossroute conflict runs/demo/checkpoints/01_math --domains math,qa --out runs/demo
+    """
+    from .domains import parse_domains
+    from .gradients import run_conflict
+    from .report import build_report
+
+    doms = parse_domains(domains)
+    if len(doms) != 2:
+        raise CrossrouteError(f"--domains {domains!r}: conflict compares exactly two domains, e.g. math,qa.")
+    run = analysis_run(out, {"model": model, "domains": domains, "n": n}, kind="conflict")
+    res = run_conflict(model, doms[0], doms[1], n=n, batch_size=batch_size, run_dir=run.root, show_progress=True)
+    j = res.to_json()
+    worst, best = j["most_conflicting"] or {}, j["most_synergistic"] or {}
+    console.print(f"global cosine {res.global_cosine:+.4f}; most conflicting {worst.get('module')} "
+                  f"({worst.get('cosine', 0):+.3f}); most synergistic {best.get('module')} "
+                  f"({best.get('cosine', 0):+.3f})")
+    console.print(f"report: {build_report(run.root)}")
 
 
 @app.command()

@@ -8,13 +8,32 @@ from pathlib import Path
 from .model import ASSETS
 from .progress import console
 from .report import build_report
-from .train import load_train_config, run_training
+from .rundir import RunDir
+from .train import load_train_config, run_checkpoints, run_training
 
 DEMO_CONFIG = ASSETS / "demo_sequence.yaml"  # identical to configs/default_sequence.yaml (a test checks)
 
 
+def _diagnose(run: RunDir, first: str, probe: str) -> None:
+    """Diagnosis I on the finished sequence: update anatomy, active routes, module-level conflict."""
+    from .diff import diff_sequence, write_diff_results
+    from .gradients import conflict_result_name, run_conflict
+    from .routes import run_routes
+
+    ckpts, names = run_checkpoints(run)
+    if run.read_result("diff") is None:
+        data = diff_sequence(ckpts, progress=True).to_json()
+        data["stage_names"] = names[1:]
+        write_diff_results(data, run.root)
+    cfg = run.read_config() or {}
+    if run.read_result("routes") is None:
+        run_routes(ckpts[0], cfg.get("domains", ["math", "code", "qa", "cw"]), run_dir=run.root, show_progress=True)
+    if run.read_result(conflict_result_name(first, probe)) is None:
+        run_conflict(ckpts[1], first, probe, run_dir=run.root, show_progress=True)
+
+
 def run_demo(out: Path, eval_n: int | None = None) -> Path:
-    """Sequence + refresh on the shipped default, then the report; returns the report path."""
+    """Sequence + refresh on the shipped default, diagnosis, then the report; returns the report path."""
     from .cli import print_forgetting
 
     cfg = load_train_config(DEMO_CONFIG)
@@ -24,6 +43,9 @@ def run_demo(out: Path, eval_n: int | None = None) -> Path:
     result = run_training(cfg, out)
     print_forgetting(result)
     console.print(f"sequence + refresh: {time.perf_counter() - t0:.0f} s")
+    t1 = time.perf_counter()
+    _diagnose(RunDir(Path(out)), cfg.stages[0].domain, "qa")
+    console.print(f"diagnosis (diff, routes, conflict): {time.perf_counter() - t1:.0f} s")
     path = build_report(out)
     console.print(f"report: {path}")
     return path

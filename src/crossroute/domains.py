@@ -358,6 +358,26 @@ def load_jsonl_domain(path: str | Path, name: str | None = None) -> Domain:
                   max_new_tokens=max(8, min(512, 2 * longest)), source=str(path))
 
 
+def _is_code_jsonl(path: Path) -> bool:
+    """A JSONL whose first object has a 'tests' field is a code domain (executed in the sandbox)."""
+    try:
+        for _, obj in _iter_jsonl(path):
+            return "tests" in obj
+    except (CrossrouteError, OSError):
+        return False  # the regular loader reports the error with file and line
+    return False
+
+
+def load_domain_file(path: str | Path, name: str | None = None) -> Domain:
+    """A JSONL domain: code (prompt + tests, sandboxed) or prompt + answer / prompt + rubric."""
+    path = Path(path).expanduser()
+    if path.is_file() and _is_code_jsonl(path):
+        from .sandbox import load_code_domain
+
+        return load_code_domain(path, name)
+    return load_jsonl_domain(path, name)
+
+
 def get_domain(spec: str) -> Domain:
     """Resolve a domain spec: a built-in name, a JSONL path, or NAME=PATH."""
     spec = spec.strip()
@@ -365,9 +385,9 @@ def get_domain(spec: str) -> Domain:
         return BUILTIN[spec]
     if "=" in spec:
         name, path = spec.split("=", 1)
-        return load_jsonl_domain(path, name.strip())
+        return load_domain_file(path, name.strip())
     if spec.endswith(".jsonl") or "/" in spec:
-        return load_jsonl_domain(spec)
+        return load_domain_file(spec)
     raise CrossrouteError(f"unknown domain {spec!r}; use one of {', '.join(BUILTIN)}, a .jsonl path, or NAME=PATH.")
 
 

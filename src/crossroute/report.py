@@ -117,11 +117,28 @@ def _diff_section(run: RunDir) -> str | None:
     return None if res is None else render_diff_section(res)
 
 
+def _routes_section(run: RunDir) -> str | None:
+    from .routes import render_routes_section
+
+    res = run.read_result("routes")
+    return None if res is None else render_routes_section(res, run.read_result("diff"))
+
+
+def _conflict_section(run: RunDir) -> str | None:
+    from .gradients import render_conflict_section
+
+    found = sorted(run.results.glob("conflict_*.json")) if run.results.exists() else []
+    results = [run.read_result(p.stem) for p in found]
+    return render_conflict_section(results) if results else None
+
+
 SECTIONS: list[tuple[str, Section]] = [
     ("domains", _domains_section),
     ("eval", _eval_section),
     ("forgetting", _forgetting_section),
     ("diff", _diff_section),
+    ("routes", _routes_section),
+    ("conflict", _conflict_section),
 ]
 
 CSS = """

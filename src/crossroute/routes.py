@@ -379,8 +379,10 @@ def render_routes_section(results: dict, diff: dict | None = None) -> str:
             mean = _mean_off_diagonal(jac[kind])
             summary.append(f"{kind}s {mean:.2f}" if mean is not None else kind)
     if summary:
+        base = [f"{kind}s {p / (2 - p):.2f}" for kind in KINDS
+                if (p := _active_share(results, kind)) is not None]
         parts.append("<p>Mean active-set Jaccard across domain pairs: " + ", ".join(summary)
-                     + f" (two random top-{q:g} % sets: about {q / (200 - q):.2f}).</p>")
+                     + " (two random sets of the same sizes: " + ", ".join(base) + ").</p>")
     for kind in KINDS:
         if kind in jac:
             parts.append(heatmap(jac[kind], doms, doms,
@@ -400,12 +402,19 @@ def render_routes_section(results: dict, diff: dict | None = None) -> str:
         active = {d: {k: set(v) for k, v in s.items()} for d, s in results["active"].items()}
         rows = changed_vs_active_table(top_changed_sets(diff), active)
     if rows:
-        parts.append(_changed_table(rows, q))
+        parts.append(_changed_table(rows, {k: _active_share(results, k) for k in KINDS}))
     parts.append("</section>")
     return "\n".join(parts)
 
 
-def _changed_table(rows: list[dict[str, Any]], q: float) -> str:
+def _active_share(results: dict, kind: str) -> float | None:
+    """Share of a layer's units that are active (top_count / size), from the stored layout."""
+    layout = results.get("layout") or {}
+    size = layout.get("intermediate_size" if kind == "neuron" else "num_heads") or 0
+    return top_count(size, results.get("q", 10.0)) / size if size else None
+
+
+def _changed_table(rows: list[dict[str, Any]], share: dict[str, float | None]) -> str:
     def f(v: Any) -> str:
         return "–" if v is None else f"{v:.3f}"
 
@@ -417,8 +426,9 @@ def _changed_table(rows: list[dict[str, Any]], q: float) -> str:
         f"<td>{f(r['jaccard'])}</td></tr>" for r in rows)
     return ("<h3>Top-changed units vs active routes</h3>"
             "<p>For each stage's top-changed units (from the update anatomy) and each domain's "
-            "active set: |changed ∩ active| / |changed| (a random unit is active with probability "
-            f"about {q / 100:.2f}) and the Jaccard. Bold: the stage's own domain.</p>"
+            "active set: |changed ∩ active| / |changed| (for random units: "
+            + ", ".join(f"{k}s {v:.2f}" for k, v in share.items() if v is not None)
+            + ") and the Jaccard. Bold: the stage's own domain.</p>"
             "<table><thead><tr><th>stage</th><th>domain</th><th>kind</th><th>|changed|</th>"
             "<th>|active|</th><th>|∩|</th><th>|∩|/|changed|</th><th>Jaccard</th></tr></thead>"
             f"<tbody>{body}</tbody></table>")

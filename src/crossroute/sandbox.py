@@ -130,6 +130,7 @@ def _main():
         if r is not None and r != "/dev/null" and not inside(r, (here,)):
             refuse(event + " " + r)
 
+    AF_UNIX = 1
     W = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
     mutate = {"os.remove", "os.rmdir", "os.mkdir", "os.rename", "os.link", "os.symlink", "os.chmod",
               "os.chown", "os.truncate", "os.utime", "os.chflags", "os.lchflags", "os.setxattr",
@@ -160,6 +161,8 @@ def _main():
             for a in args:
                 if isinstance(a, (str, bytes)) or hasattr(a, "__fspath__"):
                     check_write(a, event)
+        elif event == "socket.__new__" and len(args) > 1 and args[1] == AF_UNIX:
+            pass  # socketpair() (asyncio's self-pipe); connect/bind/send are still refused
         elif event.startswith(always) or (not allow_sub and event.startswith(procs)):
             refuse(event)
 
@@ -289,7 +292,11 @@ def _base_env() -> dict[str, str]:
 def _user_tasks(uid: int) -> int:
     """Tasks (processes and threads) owned by `uid`: RLIMIT_NPROC counts them all."""
     n = 0
-    for entry in os.scandir("/proc"):
+    try:
+        entries = list(os.scandir("/proc"))
+    except OSError:
+        return 0
+    for entry in entries:
         if entry.name.isdigit():
             try:
                 if entry.stat().st_uid == uid:
@@ -299,8 +306,27 @@ def _user_tasks(uid: int) -> int:
     return n
 
 
+def _clamped(limits: SandboxLimits, nproc: int) -> list[tuple[int, int, int]]:
+    """(resource, soft, hard), lowered to this process's hard limits (raising one would fail).
+    CPU: SIGXCPU at the soft limit, SIGKILL one second later."""
+    cpu = max(1, int(limits.cpu_seconds))
+    wanted = [(resource.RLIMIT_CPU, cpu), (resource.RLIMIT_AS, limits.memory_bytes),
+              (resource.RLIMIT_FSIZE, limits.file_size_bytes),
+              (resource.RLIMIT_NOFILE, limits.open_files), (resource.RLIMIT_NPROC, nproc),
+              (resource.RLIMIT_CORE, 0)]
+    out = []
+    for res, value in wanted:
+        cur = resource.getrlimit(res)[1]
+        hard = value + 1 if res == resource.RLIMIT_CPU else value
+        if cur != resource.RLIM_INFINITY:
+            value, hard = min(value, cur), min(hard, cur)
+        out.append((res, value, hard))
+    return out
+
+
 def _preexec(limits: SandboxLimits, nproc: int, cgroup_procs: str | None) -> Callable[[], None]:
     """Runs in the child between fork and exec: only syscalls, no Python-level locks."""
+    values = _clamped(limits, nproc)
 
     def f() -> None:
         if cgroup_procs is not None:
@@ -310,13 +336,8 @@ def _preexec(limits: SandboxLimits, nproc: int, cgroup_procs: str | None) -> Cal
                 os.close(fd)
             except OSError:
                 pass
-        cpu = max(1, int(limits.cpu_seconds))
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-        resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_size_bytes, limits.file_size_bytes))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (limits.open_files, limits.open_files))
-        resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        for res, soft, hard in values:
+            resource.setrlimit(res, (soft, hard))
 
     return f
 
@@ -405,7 +426,7 @@ def run_sandboxed(code: str, tests: str,
         nproc = limits.processes + 3 + (0 if os.geteuid() == 0 else _user_tasks(os.getuid()))
         status_r, status_w = os.pipe()
         nonce = secrets.token_hex(16)
-        env = {**_base_env(), "CR_STATUS_FD": str(status_w), "CR_NONCE": nonce,
+        env = {**_base_env(), "TMPDIR": work, "CR_STATUS_FD": str(status_w), "CR_NONCE": nonce,
                "CR_ALLOW_SUB": "1" if limits.allow_subprocesses else "0"}
         cmd = [*prefix, sys.executable, "-I", "-S", os.path.join(root, "runner.py"),
                os.path.join(root, "code.py"), os.path.join(root, "tests.py")]
@@ -551,6 +572,9 @@ def _score_many(completions: list[Any], tests: list[str],
     if len(completions) != len(tests):
         raise CrossrouteError(f"got {len(completions)} completions but {len(tests)} 'tests' "
                               "entries; give one per completion.")
+    if any(not isinstance(t, str) or not t.strip() for t in tests):
+        raise CrossrouteError("a completion has no tests (column 'tests' or rubric 'tests'); "
+                              "code rewards need non-empty tests, else any code would pass.")
     workers = max(1, min(len(completions), os.cpu_count() or 1, 4))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(lambda c, t: score_code(c, t, limits), completions, tests))

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .domains import Domain, get_domain
 from .errors import CrossrouteError
 from .evaluate import evaluate_all, scores_json
-from .model import check_checkpoint_dir, load_model, load_tokenizer, save_model
+from .model import check_checkpoint_dir, load_model, load_tokenizer, resolve_model_path, save_model
 from .progress import console
 from .rundir import RunDir, open_run
 
@@ -277,3 +277,16 @@ def run_training(cfg: TrainConfig, out: str | Path) -> dict[str, Any]:
               **forgetting_summary(rows, matrix, cfg.domains, [s.domain for s in cfg.stages], refresh_row)}
     run.write_result("forgetting", result)
     return result
+
+
+def run_checkpoints(run: RunDir) -> tuple[list[Path], list[str]]:
+    """The base checkpoint and every sequence stage's checkpoint of a finished train run, with names."""
+    raw = dict(run.read_config() or {})
+    raw.pop("kind", None)
+    cfg = TrainConfig.model_validate(raw)
+    names = [n for n in stage_names(cfg) if not n.startswith("refresh_")]
+    ckpts = [resolve_model_path(cfg.model)] + [run.checkpoint(n) for n in names]
+    missing = [c for c in ckpts[1:] if not (c / "config.json").exists()]
+    if missing:
+        raise CrossrouteError(f"{missing[0]}: stage checkpoint missing; finish the run first (crossroute train).")
+    return ckpts, ["base", *names]
