@@ -52,21 +52,32 @@ def test_math_reward_on_hand_written_answers() -> None:
 def test_math_and_code_answers_are_correct() -> None:
     for e in BUILTIN["math"].examples("train", 50):
         assert int(e.answer) == eval(e.prompt[2:-1])
-    ex = Example("C:a=3;b=a*2;a=b-1;print(a)", "5")
-    assert BUILTIN["code"].score(ex, "5") == 1.0 and BUILTIN["code"].score(ex, "6") == 0.0
+    ex = Example("C:a=3;b=a*2;a=b-1;print(a)", "5;")
+    code = BUILTIN["code"]
+    assert code.score(ex, "5;") == 1.0 and code.score(ex, "6;") == 0.0 and code.score(ex, "5") == 0.0
     for e in BUILTIN["code"].examples("train", 50):
         env: dict[str, int] = {}
         body = e.prompt[2:].split(";print(")
         exec(body[0].replace(";", "\n"), {}, env)  # the generator's own straight-line program
-        assert str(env[body[1][:-1]]) == e.answer
+        assert f"{env[body[1][:-1]]};" == e.answer
 
 
 def test_qa_answers_come_from_the_knowledge_base() -> None:
     for e in BUILTIN["qa"].examples("eval", 30):
         entity = next(name for name in KB if name in e.prompt)
-        assert e.answer in KB[entity].values()
+        assert e.answer.startswith("a ") and e.answer[2:] in KB[entity].values()
     r = BUILTIN["qa"].reward_func()
-    assert r(["Q:pet of X?"] * 2, ["cat", "dog"], answer=["cat", "cat"]) == [1.0, 0.0]
+    assert r(["Q:pet of X?"] * 3, ["a cat", "a dog", "cat"], answer=["a cat"] * 3) == [1.0, 0.0, 0.0]
+
+
+def test_conflicting_conventions_are_wrong_in_the_other_domain() -> None:
+    from crossroute.domains import other_convention
+
+    for name in BUILTIN:
+        d = BUILTIN[name]
+        for e in d.examples("train", 30):
+            assert d.score(e, e.answer) == 1.0
+            assert d.score(e, other_convention(name, e.answer)) < 1.0
 
 
 def test_cw_rubric_hand_scored() -> None:

@@ -216,7 +216,7 @@ def kb_facts() -> list[str]:
 
 
 def _gen_math(rng: random.Random) -> Example:
-    n_ops = rng.choice([1, 1, 2, 3])
+    n_ops = rng.choice([1, 1, 2])
     expr = str(rng.randint(0, 29))
     for _ in range(n_ops):
         op = rng.choice("+-")
@@ -239,13 +239,14 @@ def _gen_code(rng: random.Random) -> Example:
         env[target] = eval(f"{env[src]}{op}{k}")  # int arithmetic on literals only
         stmts.append(f"{target}={src}{op}{k}")
     out = rng.choice(sorted(env))
-    return Example("C:" + ";".join(stmts) + f";print({out})", str(env[out]))
+    # The toy language terminates every line it prints with ';' (math answers carry none).
+    return Example("C:" + ";".join(stmts) + f";print({out})", f"{env[out]};")
 
 
 def _gen_qa(rng: random.Random) -> Example:
     e = rng.choice(ENTITIES)
     a = rng.choice(sorted(QA_ATTRIBUTES))
-    return Example(rng.choice(QA_TEMPLATES[a]).format(e=e), KB[e][a])
+    return Example(rng.choice(QA_TEMPLATES[a]).format(e=e), f"a {KB[e][a]}")  # answers take the article
 
 
 def _gen_cw(rng: random.Random) -> Example:
@@ -265,11 +266,29 @@ def _gen_cw(rng: random.Random) -> Example:
     return Example(prompt, " ".join(words), rubric)
 
 
+# Answer conventions that pairs of domains share a route for and disagree on (DESIGN.md section 4):
+# math writes a bare number, code ends its printed number with ';'; qa answers take the article 'a',
+# cw writes bare words. Pretraining sees each domain's answers half in the other domain's convention,
+# so the pretrained model is unsure, RL on one domain settles the shared decision its own way, and a
+# later domain that wants the opposite settles it back: forgetting through a shared route.
+def other_convention(domain: str, answer: str) -> str:
+    """The answer written in the convention of the domain it conflicts with (used only in pretraining)."""
+    if domain == "math":
+        return answer + ";"
+    if domain == "code":
+        return answer.removesuffix(";")
+    if domain == "qa":
+        return answer.removeprefix("a ")
+    if domain == "cw":
+        return "a " + answer
+    return answer
+
+
 BUILTIN: dict[str, Domain] = {
     "math": Domain("math", "multi-step integer arithmetic (+/-), exact match", _gen_math, max_new_tokens=6),
     "code": Domain("code", "output of a tiny straight-line program, exact match", _gen_code, max_new_tokens=6),
     "qa": Domain("qa", "questions over a synthetic knowledge base of made-up entities", _gen_qa,
-                 max_new_tokens=8),
+                 max_new_tokens=10),
     "cw": Domain("cw", "constrained writing (count, first letter, required word), rubric in [0,1]", _gen_cw,
                  max_new_tokens=24, kind="rubric"),
 }

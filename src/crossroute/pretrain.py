@@ -14,7 +14,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .domains import BUILTIN, DEFAULT_DOMAINS, kb_facts
+from .domains import BUILTIN, DEFAULT_DOMAINS, kb_facts, other_convention
 from .model import build_default_model, save_model
 from .progress import progress_bar
 
@@ -31,6 +31,8 @@ class PretrainConfig(BaseModel):
     warmup_steps: int = 100
     weight_decay: float = 0.01
     fact_share: float = Field(0.15, ge=0, le=1, description="share of each batch spent on knowledge-base facts")
+    convention_noise: float = Field(0.4, ge=0, le=1, description="share of answers written in the conflicting "
+                                    "domain's convention (headroom for RL, and the shared route later stages fight over)")
     pool_per_domain: int = 4000
     threads: int = 2
 
@@ -45,9 +47,11 @@ def _encode(tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str) -> tup
 def build_corpus(tokenizer: PreTrainedTokenizerBase, cfg: PretrainConfig) -> tuple[list, list]:
     """(task sequences, fact sequences): train-split examples of every built-in domain, and KB facts."""
     tasks = []
+    rng = random.Random(f"conventions:{cfg.seed}")
     for name in DEFAULT_DOMAINS:
         for ex in BUILTIN[name].examples("train", cfg.pool_per_domain, seed=cfg.seed):
-            tasks.append(_encode(tokenizer, ex.prompt, ex.answer))
+            answer = other_convention(name, ex.answer) if rng.random() < cfg.convention_noise else ex.answer
+            tasks.append(_encode(tokenizer, ex.prompt, answer))
     facts = []
     for fact in kb_facts():
         ids = tokenizer(fact, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
