@@ -63,6 +63,9 @@ def test_shipped_configs_validate() -> None:
     root = Path(__file__).parents[1] / "configs"
     cfg = load_train_config(root / "default_sequence.yaml")
     assert [s.domain for s in cfg.stages] == ["math", "code", "qa", "cw"] and cfg.refresh is not None
+    from crossroute.demo import DEMO_CONFIG
+
+    assert DEMO_CONFIG.read_text() == (root / "default_sequence.yaml").read_text()  # the demo runs this config
     raw = yaml.safe_load((root / "qwen3_real.yaml").read_text())
     assert raw["grpo"]["use_vllm"] is True  # documented real-checkpoint example
 

@@ -31,8 +31,10 @@ class PretrainConfig(BaseModel):
     warmup_steps: int = 100
     weight_decay: float = 0.01
     fact_share: float = Field(0.15, ge=0, le=1, description="share of each batch spent on knowledge-base facts")
-    convention_noise: float = Field(0.4, ge=0, le=1, description="share of answers written in the conflicting "
-                                    "domain's convention (headroom for RL, and the shared route later stages fight over)")
+    convention_noise: float = Field(
+        0.4, ge=0, le=1,
+        description="share of answers written in the conflicting domain's convention (headroom for RL, and the "
+        "shared route that later stages fight over)")
     pool_per_domain: int = 4000
     threads: int = 2
 
