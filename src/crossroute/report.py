@@ -75,7 +75,8 @@ def _eval_section(run: RunDir) -> str | None:
     for d, detail in ev["details"].items():
         for s in detail.get("samples", [])[:3]:
             samples.append([d, s["prompt"], s["reference"], s["completion"], float(s["score"])])
-    body = f"<p>Model: <code>{html.escape(str(ev.get('model', '')))}</code>; greedy decoding, held-out split.</p>"
+    model = ev.get("model") or ev.get("checkpoint", "")
+    body = f"<p>Model: <code>{html.escape(str(model))}</code>; greedy decoding, held-out split.</p>"
     body += table(["domain", "score [0-100]", "n"], rows)
     body += "<h3>Samples</h3>" + table(["domain", "prompt", "reference", "completion", "score"], samples)
     return section("Evaluation", body)
