@@ -225,6 +225,47 @@ def conflict(
 
 
 @app.command()
+def cpift(
+    config: Annotated[Path, typer.Argument(help="YAML config (see configs/cpift_default.yaml)")],
+    out: Annotated[Path, typer.Option(help="run directory (rerun to resume)")] = Path("runs/cpift"),
+) -> None:
+    """CPI-FT: core-parameter isolation fine-tuning, against mixed and sequential SFT (same total steps).
+
+    Example: crossroute cpift configs/cpift_default.yaml --out runs/cpift
+    """
+    from .cpift import run_cpift
+    from .report import build_report
+
+    res = run_cpift(config, out)
+    console.print(scores_table("held-out scores per method", {m: res["scores"][m] for m in res["methods"]},
+                               res["domains"]))
+    console.print(f"report: {build_report(out)}")
+
+
+@app.command()
+def merge(
+    method: Annotated[str, typer.Argument(help="slerp | linear | transplant")],
+    base: Annotated[str, typer.Argument(help="base checkpoint directory (or 'default')")],
+    models: Annotated[list[str], typer.Argument(help="one or more checkpoints to merge into the base")],
+    out: Annotated[Path, typer.Option(help="output checkpoint directory")] = Path("runs/merged"),
+    t: Annotated[float, typer.Option(help="interpolation factor (slerp/linear)")] = 0.5,
+    t_schedule: Annotated[Path | None, typer.Option(help="mergekit-style per-layer t schedule YAML")] = None,
+    mask: Annotated[Path | None, typer.Option(help="transplant: core mask (safetensors of flat indices)")] = None,
+    top_percent: Annotated[float, typer.Option(help="transplant: donor's top-p % |update| as core")] = 1.0,
+) -> None:
+    """Merge checkpoints tensor by tensor (safetensors in, safetensors out): SLERP, linear, or core transplant.
+
+    Example: crossroute merge slerp default runs/demo/checkpoints/01_math --t 0.5 --out runs/merged
+    """
+    from .merge import run_merge
+
+    if method not in ("slerp", "linear", "transplant"):
+        raise CrossrouteError(f"merge method {method!r} unknown; use slerp, linear or transplant.")
+    path = run_merge(method, base, models, out, t_schedule_yaml=t_schedule, t=t, mask=mask, top_percent=top_percent)
+    console.print(f"wrote {path}")
+
+
+@app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
     """Write RUN_DIR/report.html: one self-contained HTML file with every section that has results.
 

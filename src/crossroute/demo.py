@@ -12,6 +12,7 @@ from .rundir import RunDir
 from .train import load_train_config, run_checkpoints, run_training
 
 DEMO_CONFIG = ASSETS / "demo_sequence.yaml"  # identical to configs/default_sequence.yaml (a test checks)
+CPIFT_CONFIG = ASSETS / "cpift_default.yaml"  # identical to configs/cpift_default.yaml (a test checks)
 
 
 def _diagnose(run: RunDir, first: str, probe: str) -> None:
@@ -46,6 +47,13 @@ def run_demo(out: Path, eval_n: int | None = None) -> Path:
     t1 = time.perf_counter()
     _diagnose(RunDir(Path(out)), cfg.stages[0].domain, "qa")
     console.print(f"diagnosis (diff, routes, conflict): {time.perf_counter() - t1:.0f} s")
+    t2 = time.perf_counter()
+    run = RunDir(Path(out))
+    if run.read_result("cpift") is None:
+        from .cpift import run_cpift
+
+        run.write_result("cpift", run_cpift(CPIFT_CONFIG, run.root / "cpift"))
+    console.print(f"CPI-FT vs mixed/sequential SFT: {time.perf_counter() - t2:.0f} s")
     path = build_report(out)
     console.print(f"report: {path}")
     return path

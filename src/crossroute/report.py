@@ -133,6 +133,13 @@ def _conflict_section(run: RunDir) -> str | None:
     return render_conflict_section(results) if results else None
 
 
+def _cpift_section(run: RunDir) -> str | None:
+    from .cpift import render_cpift_section
+
+    res = run.read_result("cpift")
+    return None if res is None else render_cpift_section(res)
+
+
 SECTIONS: list[tuple[str, Section]] = [
     ("domains", _domains_section),
     ("eval", _eval_section),
@@ -140,6 +147,7 @@ SECTIONS: list[tuple[str, Section]] = [
     ("diff", _diff_section),
     ("routes", _routes_section),
     ("conflict", _conflict_section),
+    ("cpift", _cpift_section),
 ]
 
 CSS = """
