@@ -22,11 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .config import load_yaml_mapping, validate_config
 from .domains import Domain, get_domain
-from .errors import CrossrouteError
 from .evaluate import evaluate_all
 from .merge import (
     DEFAULT_EPS,
@@ -81,33 +80,16 @@ class CpiftConfig(BaseModel):
 
 def parse_cpift_config(raw: dict[str, Any], where: str = "config") -> CpiftConfig:
     """Validate a mapping (pydantic, then the SFTConfig it implies); errors name the field."""
-    try:
-        cfg = CpiftConfig.model_validate(raw)
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown field (typo?)"
-        raise CrossrouteError(f"{where}: field {loc}: {msg}" if loc else f"{where}: {msg}") from None
-    except CrossrouteError as e:
-        raise CrossrouteError(f"{where}: field tasks: {e}") from None
+    cfg = validate_config(CpiftConfig, raw, where, "tasks")
     make_sft_config(sft_kwargs(cfg.sft, cfg.steps, "/tmp/crossroute-check", cfg.seed, cfg.learning_rate,
                                cfg.batch_size), where)
     return cfg
 
 
 def load_cpift_config(path: str | Path) -> CpiftConfig:
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise CrossrouteError(f"{path}: no such config file; see configs/cpift_default.yaml for an example.")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise CrossrouteError(f"{path}: invalid YAML ({str(e).splitlines()[0]}).") from None
-    if not isinstance(raw, dict):
-        raise CrossrouteError(f"{path}: expected a mapping (model, tasks, steps, ...) at the top level.")
-    return parse_cpift_config(raw, str(path))
+    """Read and validate a CPI-FT YAML before any training."""
+    raw = load_yaml_mapping(path, "configs/cpift_default.yaml", "model, tasks, steps")
+    return parse_cpift_config(raw, str(Path(path).expanduser()))
 
 
 # ----------------------------------------------------------------------------- pieces

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .config import load_yaml_mapping, validate_config
 from .domains import Domain, get_domain
 from .errors import CrossrouteError
 from .evaluate import evaluate_all, scores_json
@@ -131,32 +131,13 @@ def _trl_version() -> str:
 
 def load_train_config(path: str | Path) -> TrainConfig:
     """Read and validate a train YAML; every error names the file and the field, before any training."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise CrossrouteError(f"{path}: no such config file; see configs/default_sequence.yaml for an example.")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise CrossrouteError(f"{path}: invalid YAML ({str(e).splitlines()[0]}).") from None
-    if not isinstance(raw, dict):
-        raise CrossrouteError(f"{path}: expected a mapping with 'stages' at the top level.")
-    cfg = parse_train_config(raw, str(path))
-    return cfg
+    raw = load_yaml_mapping(path, "configs/default_sequence.yaml", "stages")
+    return parse_train_config(raw, str(Path(path).expanduser()))
 
 
 def parse_train_config(raw: dict[str, Any], where: str = "config") -> TrainConfig:
     """Validate a config mapping (pydantic, then every stage's GRPOConfig) without training anything."""
-    try:
-        cfg = TrainConfig.model_validate(raw)
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown field (typo?)"
-        raise CrossrouteError(f"{where}: field {loc}: {msg}" if loc else f"{where}: {msg}") from None
-    except CrossrouteError as e:
-        raise CrossrouteError(f"{where}: field domains: {e}") from None
+    cfg = validate_config(TrainConfig, raw, where, "domains")
     for i, st in enumerate(cfg.stages + ([cfg.refresh] if cfg.refresh else [])):
         label = f"{where}: stages[{i}]" if i < len(cfg.stages) else f"{where}: refresh"
         make_grpo_config(grpo_kwargs(cfg, st, tempfile.gettempdir()), label)
