@@ -225,6 +225,73 @@ def conflict(
 
 
 @app.command()
+def damage(
+    before: Annotated[str, typer.Option(help="checkpoint right after domain A's stage (theta_A)")],
+    after: Annotated[str, typer.Option(help="a later checkpoint (theta_A + delta)")],
+    domain: Annotated[str, typer.Option(help="the earlier domain A whose loss is expanded")],
+    later: Annotated[str | None, typer.Option(help="later domain(s) B,...: conflict subspace on shared routes")] = None,
+    n: Annotated[int, typer.Option(help="examples for the proxy loss (answer NLL)")] = 64,
+    batch_size: Annotated[int, typer.Option(help="micro-batch size (memory bound)")] = 64,
+    k: Annotated[int, typer.Option(help="Lanczos steps")] = 20,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (1 avoids oversubscription)")] = None,
+    out: Annotated[Path, typer.Option(help="run directory (an existing run gains results/damage_A.json)")] = Path(
+        "runs/damage"),
+) -> None:
+    """Second-order damage of a later update to domain A: measured vs g.d + 1/2 d.H.d, per-unit attribution.
+
+    Example: crossroute damage --before runs/demo/checkpoints/01_math --after runs/demo/checkpoints/04_cw
+             --domain math --later qa,cw --out runs/demo
+    """
+    from .damage import run_damage
+    from .report import build_report
+
+    run = analysis_run(out, {"before": before, "after": after, "domain": domain}, kind="damage")
+    res = run_damage(before, after, domain, later=later, n=n, batch_size=batch_size, run_dir=run.root, k=k,
+                     threads=threads)
+    j = res.to_json()
+    console.print(f"{domain}: measured {j['measured']:+.4f} = first order {j['first_order']:+.4f} + second order "
+                  f"{j['second_order']:+.4f} + error {j['error']:+.4f}; top 1/2/5/10 % of units carry "
+                  + "/".join(f"{100 * j['top_share'][p]:.0f}%" for p in ("1", "2", "5", "10")))
+    console.print(f"report: {build_report(run.root)}")
+
+
+@app.command()
+def rollback(
+    now: Annotated[str, typer.Option("--from", help="the current checkpoint (after the later stages)")],
+    to: Annotated[str, typer.Option(help="checkpoint right after domain A's stage (theta_A)")],
+    domain: Annotated[str, typer.Option(help="the domain A to repair")],
+    others: Annotated[str, typer.Option(help="later domain(s) whose scores must not pay, comma list")],
+    fractions: Annotated[str, typer.Option(help="unit fractions in % to sweep")] = "0.5,1,2,4,8,16,32",
+    eval_n: Annotated[int, typer.Option(help="held-out prompts per domain at each point")] = 100,
+    save_best: Annotated[Path | None, typer.Option(help="save the best repaired checkpoint here")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (1 avoids oversubscription)")] = None,
+    out: Annotated[Path, typer.Option(help="run directory (an existing run gains results/rollback_A.json)")] = Path(
+        "runs/rollback"),
+) -> None:
+    """Training-free rollback of the units a route-conflict score picks, vs random and largest-|delta| units.
+
+    Example: crossroute rollback --from runs/demo/checkpoints/04_cw --to runs/demo/checkpoints/01_math
+             --domain math --others qa,cw --out runs/demo
+    """
+    from .report import build_report
+    from .rollback import run_rollback
+
+    try:
+        fr = [float(x) for x in fractions.split(",") if x.strip()]
+    except ValueError:
+        raise CrossrouteError(f"--fractions {fractions!r}: give percentages separated by commas, e.g. 1,2,4.") from None
+    if not fr or any(not 0 < f <= 100 for f in fr):
+        raise CrossrouteError(f"--fractions {fractions!r}: each fraction must be in (0, 100] percent.")
+    run = analysis_run(out, {"from": now, "to": to, "domain": domain, "others": others}, kind="rollback")
+    res = run_rollback(now, to, domain, others, fractions=fr, run_dir=run.root, save_best=save_best,
+                       eval_n=eval_n, threads=threads)
+    best = res.to_json().get("best") or {}
+    console.print(f"best: {best.get('variant')}/{best.get('selector')} at {best.get('fraction')} % "
+                  f"({best.get('n_units')} units): recovery {best.get('recovery')}")
+    console.print(f"report: {build_report(run.root)}")
+
+
+@app.command()
 def cpift(
     config: Annotated[Path, typer.Argument(help="YAML config (see configs/cpift_default.yaml)")],
     out: Annotated[Path, typer.Option(help="run directory (rerun to resume)")] = Path("runs/cpift"),

@@ -33,6 +33,25 @@ def _diagnose(run: RunDir, first: str, probe: str) -> None:
         run_conflict(ckpts[1], first, probe, run_dir=run.root, show_progress=True)
 
 
+def _repair(run: RunDir, first: str, later: list[str]) -> None:
+    """Diagnosis II and repair for the first domain: second-order damage, then rollback vs the refresh."""
+    from .damage import run_damage
+    from .rollback import run_rollback
+
+    ckpts, _ = run_checkpoints(run)
+    if run.read_result(f"damage_{first}") is None:
+        run_damage(ckpts[1], ckpts[-1], first, later=later, run_dir=run.root)
+    if run.read_result(f"rollback_{first}") is None:
+        run_rollback(ckpts[-1], ckpts[1], first, later, run_dir=run.root)
+    rb, fg = run.read_result(f"rollback_{first}"), run.read_result("forgetting")
+    best, ref = (rb or {}).get("best") or {}, (fg or {}).get("refresh") or {}
+    if best and ref:
+        console.print(f"repair of {first}: rollback {best['variant']}/{best['selector']} {best['fraction']} % "
+                      f"({best['n_units']} units, no training) recovers {100 * (best['recovery'] or 0):.0f} %; "
+                      f"refresh ({ref['after'] - ref['before']:+.1f} points) recovers "
+                      f"{100 * (ref['recovery_share'] or 0):.0f} %")
+
+
 def run_demo(out: Path, eval_n: int | None = None) -> Path:
     """Sequence + refresh on the shipped default, diagnosis, then the report; returns the report path."""
     from .cli import print_forgetting
@@ -49,6 +68,9 @@ def run_demo(out: Path, eval_n: int | None = None) -> Path:
     console.print(f"diagnosis (diff, routes, conflict): {time.perf_counter() - t1:.0f} s")
     t2 = time.perf_counter()
     run = RunDir(Path(out))
+    _repair(run, cfg.stages[0].domain, [st.domain for st in cfg.stages[1:]])
+    console.print(f"damage + rollback: {time.perf_counter() - t2:.0f} s")
+    t2 = time.perf_counter()
     if run.read_result("cpift") is None:
         from .cpift import run_cpift
 

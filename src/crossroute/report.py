@@ -129,8 +129,26 @@ def _conflict_section(run: RunDir) -> str | None:
     from .gradients import render_conflict_section
 
     found = sorted(run.results.glob("conflict_*.json")) if run.results.exists() else []
-    results = [run.read_result(p.stem) for p in found]
+    results = [r for p in found if (r := run.read_result(p.stem)) is not None]
     return render_conflict_section(results) if results else None
+
+
+def _per_domain_sections(run: RunDir, prefix: str, render: Callable[[dict], str]) -> str | None:
+    found = sorted(run.results.glob(f"{prefix}_*.json")) if run.results.exists() else []
+    parts = [render(r) for p in found if (r := run.read_result(p.stem)) is not None]
+    return "".join(parts) if parts else None
+
+
+def _damage_section(run: RunDir) -> str | None:
+    from .damage import render_damage_section
+
+    return _per_domain_sections(run, "damage", render_damage_section)
+
+
+def _rollback_section(run: RunDir) -> str | None:
+    from .rollback import render_rollback_section
+
+    return _per_domain_sections(run, "rollback", render_rollback_section)
 
 
 def _cpift_section(run: RunDir) -> str | None:
@@ -147,6 +165,8 @@ SECTIONS: list[tuple[str, Section]] = [
     ("diff", _diff_section),
     ("routes", _routes_section),
     ("conflict", _conflict_section),
+    ("damage", _damage_section),
+    ("rollback", _rollback_section),
     ("cpift", _cpift_section),
 ]
 

@@ -1,0 +1,96 @@
+"""Damage decomposition: unit partition, attribution sum, expansion quality, Lanczos."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY, make_tiny
+from crossroute.damage import UnitMap, damage, lanczos, render_damage_section, run_damage
+from crossroute.hvp import hvp
+from crossroute.model import build_default_model, load_model, save_model
+
+
+def _perturbed(src: Path, dst: Path, scale: float, seed: int = 5) -> Path:
+    loaded = load_model(src)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in loaded.model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+    save_model(loaded.model, loaded.tokenizer, dst)
+    return dst
+
+
+def test_units_partition_every_parameter() -> None:
+    model, _ = build_default_model(0, **TINY)
+    umap = UnitMap.of(model)
+    params = dict(model.named_parameters())
+    counts = umap.reduce({k: torch.ones_like(p) for k, p in params.items()})
+    assert sum(float(v.sum()) for v in counts.values()) == sum(p.numel() for p in params.values())
+    h, kv, hd = TINY["num_attention_heads"], TINY["num_key_value_heads"], TINY["head_dim"]
+    d, inter = TINY["hidden_size"], TINY["intermediate_size"]
+    assert counts["neuron"].shape == (TINY["num_hidden_layers"], inter)
+    assert torch.all(counts["neuron"] == 3 * d)  # gate row + up row + down column
+    assert torch.all(counts["head"] == 2 * hd * d)  # q rows + o columns
+    assert torch.all(counts["kv"] == 2 * hd * d)  # k rows + v rows
+    assert umap.n_units() == TINY["num_hidden_layers"] * (inter + h + kv) + len(umap.others)
+    assert any("norm" in o for o in umap.others) and any("embed" in o for o in umap.others)
+
+
+def test_attribution_sums_to_total_and_expansion_is_good(tmp_path: Path) -> None:
+    a = make_tiny(tmp_path / "a", seed=0)
+    b = _perturbed(a, tmp_path / "b", 2e-3)
+    res = damage(a, b, "math", n=8, batch_size=8, later="qa", k=6, routes_n=8)
+    total = res.first_order + res.second_order
+    assert res.attribution_sum() == pytest.approx(total, rel=1e-9, abs=1e-12)
+    assert abs(res.error) < 0.05 * abs(res.measured)  # a small step: the expansion is close
+    assert res.second_order != 0.0
+    out = res.to_json()
+    assert out["top_share"]["10"] is not None and len(out["top_units"]) == 20
+    (c,) = out["conflict"]
+    assert c["domain_b"] == "qa" and c["n_params"] > 0 and 1 <= c["k"] <= 6
+    assert c["eigenvalues"] == sorted(c["eigenvalues"], reverse=True)
+    if c["k"] < 6:  # Krylov space exhausted: the Ritz directions span δ_r
+        assert c["cumulative"][-1] == pytest.approx(1.0, abs=1e-6)
+    html = render_damage_section(json.loads(json.dumps(out)))
+    assert "<img" in html and "Conflict subspace" in html
+    run = run_damage(a, b, "math", later=None, n=4, batch_size=4, run_dir=tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / "results" / "damage_math.json").read_text())
+    assert saved["measured"] == pytest.approx(run.measured) and saved["conflict"] == []
+    assert saved["attribution_sum"] == pytest.approx(saved["predicted"], rel=1e-9)
+
+
+class _Quadratic(torch.nn.Module):
+    """L(w) = ½ wᵀAw + bᵀw: Hessian A, known eigenvalues."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(a.shape[0], dtype=torch.float64))
+        self.register_buffer("a", a)
+        self.register_buffer("b", b)
+
+    def loss(self) -> torch.Tensor:
+        return 0.5 * self.w @ self.a @ self.w + self.b @ self.w
+
+
+def test_lanczos_recovers_top_eigenvalues_of_a_quadratic() -> None:
+    torch.manual_seed(0)
+    n = 40
+    eig = torch.cat([torch.tensor([50.0, 20.0, 10.0]), torch.linspace(-1.0, 1.0, n - 3)]).double()
+    qmat, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))
+    a = qmat @ torch.diag(eig) @ qmat.T
+    toy = _Quadratic(a, torch.randn(n, dtype=torch.float64))
+
+    def matvec(v: torch.Tensor) -> torch.Tensor:
+        return hvp(toy, [{}], {"w": v}, loss_fn=lambda m, _: m.loss())["w"]
+
+    assert torch.allclose(matvec(torch.eye(n, dtype=torch.float64)[3]), a[3], atol=1e-12)
+    lz = lanczos(matvec, torch.randn(n, dtype=torch.float64), k=15)
+    assert lz.eigenvalues[:3].tolist() == pytest.approx([50.0, 20.0, 10.0], rel=1e-6)
+    full = lanczos(matvec, torch.randn(n, dtype=torch.float64), k=n)
+    assert sorted(full.eigenvalues.tolist()) == pytest.approx(sorted(eig.tolist()), abs=1e-8)
+    v = full.vectors
+    assert torch.allclose(v.T @ v, torch.eye(v.shape[1], dtype=torch.float64), atol=1e-8)

@@ -1,0 +1,131 @@
+"""Hessian-vector products: finite differences in float64, symmetry, batching, restriction."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.models.qwen3 import modeling_qwen3
+
+from conftest import TINY
+from crossroute.domains import BUILTIN
+from crossroute.errors import CrossrouteError
+from crossroute.gradients import make_batches
+from crossroute.hvp import grad_and_hvp, hvp
+from crossroute.model import build_default_model
+
+
+def _tiny64(seed: int = 0):
+    model, tok = build_default_model(seed, **TINY)
+    return model.double().eval(), tok
+
+
+def _rand(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(p.shape, generator=gen, dtype=p.dtype)
+            for k, p in model.named_parameters()}
+
+
+def _dot(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return float(sum((a[k].double() * b[k].double()).sum() for k in a))
+
+
+def _rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    diff = {k: a[k] - b[k] for k in a}
+    return (_dot(diff, diff) / _dot(b, b)) ** 0.5
+
+
+@pytest.fixture
+def float64_qwen3(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Qwen3 computes RMSNorm and the attention softmax in fp32 even in a float64 model, which
+    caps any finite difference at ~1e-7; these patches keep float64 inputs in float64 (rotary
+    cos/sin stay fp32 constants, which does not matter: they do not depend on the parameters)."""
+
+    def norm64(self, x: torch.Tensor) -> torch.Tensor:
+        var = x.pow(2).mean(-1, keepdim=True)
+        return self.weight * (x * torch.rsqrt(var + self.variance_epsilon))
+
+    softmax = torch.nn.functional.softmax
+
+    def softmax64(x, dim=None, _stacklevel=3, dtype=None):  # type: ignore[no-untyped-def]
+        return softmax(x, dim=dim, dtype=x.dtype if x.dtype == torch.float64 else dtype)
+
+    monkeypatch.setattr(modeling_qwen3.Qwen3RMSNorm, "forward", norm64)
+    monkeypatch.setattr(torch.nn.functional, "softmax", softmax64)
+
+
+def test_hvp_matches_central_difference_of_gradient(float64_qwen3: None) -> None:
+    """(∇L(θ+hv) − ∇L(θ−hv)) / 2h ≈ H v along a random unit direction, float64 end to end."""
+    model, tok = _tiny64(2)
+    batches = make_batches(tok, BUILTIN["math"].examples("train", 5, seed=0), 3)
+    params = dict(model.named_parameters())
+    v = _rand(model, 0)
+    norm = _dot(v, v) ** 0.5
+    v = {k: x / norm for k, x in v.items()}
+    hv = hvp(model, batches, v)
+    old = {k: p.detach().clone() for k, p in params.items()}
+
+    def grad_at(t: float) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(old[k] + t * v[k])
+        g = grad_and_hvp(model, batches, {})[1]
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(old[k])
+        return g
+
+    h = 1e-4
+    gp, gm = grad_at(h), grad_at(-h)
+    fd = {k: (gp[k] - gm[k]) / (2 * h) for k in gp}
+    assert hv[next(iter(hv))].dtype == torch.float64
+    assert _rel(hv, fd) < 1e-6
+    # forward-over-reverse gives the same product
+    assert _rel(hvp(model, batches, v, method="fwd_rev"), hv) < 1e-9
+
+
+def test_hvp_finite_difference_stock_qwen3() -> None:
+    """Without the float64 patches (fp32 norms/softmax inside): still within 1e-3."""
+    model, tok = _tiny64(3)
+    batches = make_batches(tok, BUILTIN["code"].examples("train", 4, seed=0), 4)
+    params = dict(model.named_parameters())
+    v = _rand(model, 1)
+    norm = _dot(v, v) ** 0.5
+    v = {k: x / norm for k, x in v.items()}
+    hv = hvp(model, batches, v)
+    old = {k: p.detach().clone() for k, p in params.items()}
+
+    def grad_at(t: float) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(old[k] + t * v[k])
+        g = grad_and_hvp(model, batches, {})[1]
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(old[k])
+        return g
+
+    h = 1e-3
+    gp, gm = grad_at(h), grad_at(-h)
+    assert _rel(hv, {k: (gp[k] - gm[k]) / (2 * h) for k in gp}) < 1e-3
+
+
+def test_symmetry_batching_and_restriction(float64_qwen3: None) -> None:
+    model, tok = _tiny64(1)
+    examples = BUILTIN["qa"].examples("train", 6, seed=0)
+    b6, b1 = make_batches(tok, examples, 6), make_batches(tok, examples, 1)
+    u, v = _rand(model, 10), _rand(model, 11)
+    hv, hu = hvp(model, b6, v), hvp(model, b6, u)
+    assert _dot(u, hv) == pytest.approx(_dot(v, hu), rel=1e-9)
+    assert _rel(hvp(model, b1, v), hv) < 1e-10  # micro-batching does not change the product
+    # restricted to some tensors: H_SS v_S == (H v')_S with v' = v on S, zero elsewhere
+    names = [k for k in v if "layers.1." in k and "mlp" in k]
+    sub = hvp(model, b6, v, params=names)
+    full = hvp(model, b6, {k: v[k] for k in names})
+    assert set(sub) == set(names)
+    assert _rel(sub, {k: full[k] for k in names}) < 1e-10
+    assert _rel(hvp(model, b6, v, params=names, method="fwd_rev"), sub) < 1e-9
+    assert all(p.requires_grad for p in model.parameters())  # flags restored
+    assert model.config._attn_implementation == "sdpa"  # switched to eager only during the pass
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(CrossrouteError):
+        hvp(model, b6, v, params=["nope"])
