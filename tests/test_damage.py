@@ -92,5 +92,7 @@ def test_lanczos_recovers_top_eigenvalues_of_a_quadratic() -> None:
     assert lz.eigenvalues[:3].tolist() == pytest.approx([50.0, 20.0, 10.0], rel=1e-6)
     full = lanczos(matvec, torch.randn(n, dtype=torch.float64), k=n)
     assert sorted(full.eigenvalues.tolist()) == pytest.approx(sorted(eig.tolist()), abs=1e-8)
+    explicit = torch.func.hessian(lambda w: 0.5 * w @ a @ w + toy.b @ w)(toy.w.detach())  # autograd, not `a`
+    assert sorted(full.eigenvalues.tolist()) == pytest.approx(torch.linalg.eigvalsh(explicit).tolist(), abs=1e-8)
     v = full.vectors
     assert torch.allclose(v.T @ v, torch.eye(v.shape[1], dtype=torch.float64), atol=1e-8)

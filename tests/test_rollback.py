@@ -41,6 +41,8 @@ def test_full_rollback_is_theta_a_and_swap_restores(pair: tuple[Path, Path]) -> 
     before, target = _state(ln.model), _state(la.model)
     assert not _identical(before, target)
     swapper = Swapper(ln.model, dict(la.model.named_parameters()))
+    with swapper.rolled_back([]):
+        assert _identical(_state(ln.model), before)  # 0 % rolled back: CKPT_NOW unchanged
     with swapper.rolled_back(all_units(swapper.umap)):
         assert _identical(_state(ln.model), target)  # bit-identical θ_A (tied head included)
     assert _identical(_state(ln.model), before)
