@@ -28,15 +28,18 @@ from crossroute.hvp import grad_and_hvp
 from crossroute.model import load_model
 
 
-def timed(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of `fn` over `repeats` runs (after one warm-up)."""
-    fn()
-    out = []
+def timed_pair(a: Callable[[], object], b: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """Median wall times of `a` and `b`, measured interleaved (after a warm-up of each) so that any
+    background load on the machine hits both alike."""
+    a()
+    b()
+    ta, tb = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out)
+        for fn, acc in ((a, ta), (b, tb)):
+            t0 = time.perf_counter()
+            fn()
+            acc.append(time.perf_counter() - t0)
+    return statistics.median(ta), statistics.median(tb)
 
 
 def main() -> None:
@@ -45,9 +48,11 @@ def main() -> None:
     ap.add_argument("--domain", default="math")
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--eval-n", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: robust to a shared machine)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     loaded = load_model(args.model, attn_implementation="eager", device=dev)
     model, tok = loaded.model, loaded.tokenizer
@@ -63,8 +68,7 @@ def main() -> None:
         for b in batches:
             proxy_loss(model, b, total).backward()
 
-    t_fb = timed(fwd_bwd, args.repeats)
-    t_hvp = timed(lambda: grad_and_hvp(model, batches, vec), args.repeats)
+    t_fb, t_hvp = timed_pair(fwd_bwd, lambda: grad_and_hvp(model, batches, vec), args.repeats)
 
     # Rollback: per-point cost (swap in, evaluate, swap back) vs one evaluation; loads counted.
     doms = [get_domain(d) for d in ("math", "code", "qa", "cw")]
@@ -84,8 +88,7 @@ def main() -> None:
         with swapper.rolled_back(units):
             evaluate()
 
-    t_eval = timed(evaluate, args.repeats)
-    t_point = timed(point, args.repeats)
+    t_eval, t_point = timed_pair(evaluate, point, args.repeats)
     loads = {"n": 0}
     real_load = rollback.load_model
 

@@ -167,16 +167,15 @@ def _double_backward(model, batch, fn, named, vecs):  # type: ignore[no-untyped-
     ps = [p for _, p in named]
     loss = fn(model, batch)
     gs = torch.autograd.grad(loss, ps, create_graph=True, allow_unused=True)
-    dot = None
-    for g, v in zip(gs, vecs, strict=True):
-        if g is not None and g.requires_grad:
-            term = (g.to(v.dtype) * v).sum()
-            dot = term if dot is None else dot + term
-    if dot is None:  # the loss is linear (or constant) in every parameter
+    # H v = d(g . v)/d theta, as one vector-Jacobian product of g with v (no explicit dot graph).
+    pairs = [(g, v.to(g.dtype), p) for g, v, p in zip(gs, vecs, ps, strict=True)
+             if g is not None and g.requires_grad]
+    if not pairs:  # the loss is linear (or constant) in every parameter
         return float(loss.detach()), [g.detach() if g is not None else None for g in gs], \
             [None] * len(ps)
-    hs = torch.autograd.grad(dot, ps, allow_unused=True)
-    return float(loss.detach()), [g.detach() if g is not None else None for g in gs], list(hs)
+    hs_sel = torch.autograd.grad([g for g, _, _ in pairs], ps, grad_outputs=[v for _, v, _ in pairs],
+                                 allow_unused=True)
+    return float(loss.detach()), [g.detach() if g is not None else None for g in gs], list(hs_sel)
 
 
 class _LossModule(torch.nn.Module):
