@@ -292,6 +292,32 @@ def rollback(
 
 
 @app.command()
+def circuits(
+    base: Annotated[str, typer.Option(help="base checkpoint (or 'default')")],
+    models: Annotated[str, typer.Option(help="fine-tuned models as NAME=PATH,...; rl= and sft= enable the "
+                                        "differential vulnerability")],
+    domain: Annotated[str, typer.Option(help="built-in domain, or a JSONL of clean/corrupted pairs")] = "math",
+    n: Annotated[int, typer.Option(help="clean/corrupted prompt pairs")] = 64,
+    target: Annotated[float, typer.Option(help="faithfulness the circuit must reach")] = 0.8,
+    delta: Annotated[float, typer.Option(help="vulnerable head: s_h(SFT) < s_h(RL) - delta")] = 0.1,
+    out: Annotated[Path, typer.Option(help="run directory (an existing run gains results/circuits_D.json)")] = Path(
+        "runs/circuits"),
+) -> None:
+    """Head-level circuits (attribution patching, confirmed by activation patching) and their retention.
+
+    Example: crossroute circuits --base default --models rl=runs/demo/checkpoints/01_math,sft=runs/sft --domain math
+    """
+    from .circuits import run_circuits
+    from .report import build_report
+
+    run = analysis_run(out, {"base": base, "models": models, "domain": domain}, kind="circuits")
+    res = run_circuits(base, models, domain, n=n, target=target, delta=delta, run_dir=run.root, show_progress=True)
+    ret = res.to_json().get("retention", {})
+    console.print("base circuit retained: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in ret.items()))
+    console.print(f"report: {build_report(run.root)}")
+
+
+@app.command()
 def cpift(
     config: Annotated[Path, typer.Argument(help="YAML config (see configs/cpift_default.yaml)")],
     out: Annotated[Path, typer.Option(help="run directory (rerun to resume)")] = Path("runs/cpift"),

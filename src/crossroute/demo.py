@@ -76,6 +76,12 @@ def run_demo(out: Path, eval_n: int | None = None) -> Path:
 
         run.write_result("cpift", run_cpift(CPIFT_CONFIG, run.root / "cpift"))
     console.print(f"CPI-FT vs mixed/sequential SFT: {time.perf_counter() - t2:.0f} s")
+    t2 = time.perf_counter()
+    if run.read_result("rl_vs_sft") is None:
+        from .razor import run_rl_vs_sft
+
+        run_rl_vs_sft("default", cfg.stages[0].domain, run.root)
+    console.print(f"RL vs SFT (forgetting, KL to base, circuit retention): {time.perf_counter() - t2:.0f} s")
     path = build_report(out)
     console.print(f"report: {path}")
     return path

@@ -151,6 +151,19 @@ def _rollback_section(run: RunDir) -> str | None:
     return _per_domain_sections(run, "rollback", render_rollback_section)
 
 
+def _circuits_section(run: RunDir) -> str | None:
+    from .circuits import render_circuits_section
+
+    return _per_domain_sections(run, "circuits", render_circuits_section)
+
+
+def _rl_vs_sft_section(run: RunDir) -> str | None:
+    from .razor import render_rl_vs_sft_section
+
+    res = run.read_result("rl_vs_sft")
+    return None if res is None else render_rl_vs_sft_section(res)
+
+
 def _cpift_section(run: RunDir) -> str | None:
     from .cpift import render_cpift_section
 
@@ -168,6 +181,8 @@ SECTIONS: list[tuple[str, Section]] = [
     ("damage", _damage_section),
     ("rollback", _rollback_section),
     ("cpift", _cpift_section),
+    ("circuits", _circuits_section),
+    ("rl_vs_sft", _rl_vs_sft_section),
 ]
 
 CSS = """

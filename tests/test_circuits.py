@@ -1,0 +1,195 @@
+"""Circuits: attribution agrees with activation patching, self-patching is exact, pairs and JSONL."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY, make_tiny
+from crossroute.circuits import (
+    HeadHooks,
+    batch_metric,
+    circuit_of_model,
+    load_pairs_jsonl,
+    make_pair_batches,
+    pairs_for,
+    parse_models,
+    render_circuits_section,
+    retention,
+    run_circuits,
+)
+from crossroute.domains import ENTITIES, KB
+from crossroute.errors import CrossrouteError
+from crossroute.model import build_default_model
+
+
+def _tiny(seed: int = 0):
+    model, tok = build_default_model(seed, **TINY)
+    return model.eval(), tok
+
+
+def _planted(seed: int = 0, layer: int = 1, head: int = 0, scale: float = 4.0):
+    """A tiny model where only one head's o_proj columns are non-zero: only that head can matter."""
+    model, tok = _tiny(seed)
+    hd = TINY["head_dim"]
+    with torch.no_grad():
+        for i, lyr in enumerate(model.model.layers):
+            w = lyr.self_attn.o_proj.weight
+            keep = w[:, head * hd:(head + 1) * hd].clone() * scale
+            w.zero_()
+            if i == layer:
+                w[:, head * hd:(head + 1) * hd] = keep
+    return model, tok
+
+
+def test_attribution_agrees_with_activation_on_planted_head() -> None:
+    torch.manual_seed(0)
+    model, tok = _planted()
+    pairs = pairs_for("math", 24)
+    res = circuit_of_model(model, tok, pairs, target=0.8, confirm_top=4, batch_size=8)
+    attr = torch.tensor(res.attribution)
+    act = torch.tensor([[float("nan") if v is None else v for v in row] for row in res.activation])
+    assert not torch.isnan(act).any()  # 4 heads, all confirmed
+    # only the planted head has an effect, in both estimates; the others are exactly 0
+    others = torch.ones_like(attr, dtype=torch.bool)
+    others[1, 0] = False
+    assert attr[others].abs().max() == 0 and act[others].abs().max() == 0
+    assert attr[1, 0] != 0 and act[1, 0] != 0
+    assert (attr[1, 0] > 0) == (act[1, 0] > 0)  # same sign
+    # same rank: the planted head is first by |effect| in both
+    assert int(attr.abs().flatten().argmax()) == int(act.abs().flatten().argmax()) == 2
+    assert res.ranking[0] == "L1.head.0"
+    assert float(attr[1, 0]) == pytest.approx(float(act[1, 0]), rel=0.2)  # first order is close here
+    assert res.attribution_vs_activation["sign_agreement"] == 1.0
+    # everything runs through that head: it alone recovers the whole clean-corrupted gap
+    assert res.circuit == ["L1.head.0"]
+    assert res.curve_faithfulness[res.curve_k.index(1)] == pytest.approx(1.0, abs=1e-5)
+    assert res.curve_faithfulness[0] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_patching_every_head_with_its_own_activations_changes_nothing() -> None:
+    model, tok = _tiny(3)
+    batches = make_pair_batches(tok, pairs_for("qa", 10), 4)
+    hooks = HeadHooks(model)
+    try:
+        with torch.no_grad():
+            for b in batches:
+                hooks.record = own = {}
+                clean = batch_metric(model, b["clean_ids"], b)
+                hooks.record = None
+                hooks.patch = {layer: (torch.ones(hooks.num_heads, dtype=torch.bool), own[layer])
+                               for layer in hooks.layers}
+                patched = batch_metric(model, b["clean_ids"], b)
+                hooks.reset()
+                assert torch.equal(clean, patched)
+                assert float(clean) != float(batch_metric(model, b["corrupted_ids"], b))
+    finally:
+        hooks.remove()
+
+
+def test_identical_pairs_give_zero_effects() -> None:
+    from crossroute.circuits import Pair
+
+    model, tok = _tiny(4)
+    pairs = [Pair(p.clean, p.clean, p.answer, p.wrong) for p in pairs_for("math", 6)]
+    res = circuit_of_model(model, tok, pairs, confirm_top=4, batch_size=3)
+    assert torch.tensor(res.attribution).abs().max() == 0
+    assert all(v == 0 for row in res.activation for v in row)
+    assert res.gap == 0 and res.warnings
+
+
+def test_retention_against_itself_is_100_percent(tmp_path: Path) -> None:
+    ckpt = make_tiny(tmp_path / "m", seed=5)
+    res = run_circuits(ckpt, {"rl": ckpt, "sft": str(ckpt)}, "code", n=8, batch_size=8, confirm_top=2,
+                       run_dir=tmp_path / "run")
+    assert res.retention == {"base": 1.0, "rl": 1.0, "sft": 1.0}
+    assert all(v == 0 for m in res.score_shift.values() for row in m for v in row)
+    assert res.differential_vulnerability is not None
+    assert all(v == 0 for row in res.differential_vulnerability for v in row) and res.vulnerable == []
+    assert res.models["rl"]["curve_faithfulness"] == res.models["base"]["curve_faithfulness"]
+    assert res.models["base"]["curve_faithfulness"][-1] == pytest.approx(1.0)
+    assert res.base_circuit_faithfulness["rl"] == pytest.approx(res.models["base"]["faithfulness"])
+    saved = json.loads((tmp_path / "run" / "results" / "circuits_code.json").read_text())
+    assert saved["retention"]["sft"] == 1.0 and saved["layout"]["num_heads"] == TINY["num_attention_heads"]
+    html = render_circuits_section(saved)
+    assert "<img" in html and "Circuits: code" in html
+    assert retention(["a"], []) is None and retention(["a", "b"], ["a", "c"]) == 0.5
+
+
+def test_pairs_differ_where_stated() -> None:
+    for p in pairs_for("math", 30, seed=1):
+        a, b = re.findall(r"\d+", p.clean), re.findall(r"\d+", p.corrupted)
+        assert len(p.clean) == len(p.corrupted)
+        assert sum(x != y for x, y in zip(a, b, strict=True)) == 1
+        assert [len(x) for x in a] == [len(x) for x in b]
+        assert p.answer == str(eval(p.clean[2:-1])) and p.wrong == str(eval(p.corrupted[2:-1]))
+        assert p.answer != p.wrong
+    for p in pairs_for("code", 30, seed=1):
+        diff = [i for i, (x, y) in enumerate(zip(p.clean, p.corrupted, strict=True)) if x != y]
+        assert len(p.clean) == len(p.corrupted) and diff == [4]  # "C:a=<digit>"
+        assert p.answer.endswith(";") and p.wrong is not None and p.wrong.endswith(";") and p.answer != p.wrong
+    for p in pairs_for("qa", 30, seed=1):
+        e1 = next(e for e in ENTITIES if e in p.clean)
+        e2 = next(e for e in ENTITIES if e in p.corrupted)
+        assert e1 != e2 and len(e1) == len(e2) and p.clean.replace(e1, e2) == p.corrupted
+        assert p.answer.startswith("a ") and p.wrong is not None and p.answer != p.wrong
+        assert p.answer[2:] in {v for v in KB[e1].values()}
+    for p in pairs_for("cw", 30, seed=1):
+        assert len(p.clean) == len(p.corrupted) and p.clean != p.corrupted and p.wrong is None
+        assert p.clean.split(",")[0] == p.corrupted.split(",")[0]  # the word count is kept
+    assert pairs_for("qa", 5) == pairs_for("qa", 5)
+    with pytest.raises(CrossrouteError, match="no pair generator"):
+        pairs_for("nope", 3)
+
+
+def test_jsonl_pairs_validation(tmp_path: Path) -> None:
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"clean": "M:1+2=", "corrupted": "M:1+3=", "answer": "3", "wrong": "4"}\n\n'
+                    '{"clean": "M:5+2=", "corrupted": "M:6+2=", "answer": "7"}\n')
+    pairs = load_pairs_jsonl(good)
+    assert len(pairs) == 2 and pairs[0].wrong == "4" and pairs[1].wrong is None
+    assert pairs[1].where.endswith("good.jsonl:3")
+    cases = {
+        '{"clean": "a", "corrupted": "b"}': r"bad.jsonl:2: field 'answer' missing",
+        '{"clean": "a", "corrupted": "b", "answer": 3}': r"bad.jsonl:2: field 'answer' must be a non-empty string",
+        '{"clean": "a", "corrupted": "b", "answer": "x", "extra": 1}': r"bad.jsonl:2: unknown field 'extra'",
+        '{"clean": "a", "corrupted": "a", "answer": "x"}': r"bad.jsonl:2: .*identical",
+        '{"clean": "a", "corrupted": "b", "answer": "x", "wrong": ""}': r"bad.jsonl:2: field 'wrong'",
+        '{"clean": "a", "corrupted": "b", "answer": "x", "wrong": "x"}': r"bad.jsonl:2: field 'wrong' equals",
+        '[1, 2]': r"bad.jsonl:2: expected a JSON object",
+        '{"clean": ': r"bad.jsonl:2: invalid JSON",
+    }
+    bad = tmp_path / "bad.jsonl"
+    for line, msg in cases.items():
+        bad.write_text('{"clean": "a", "corrupted": "b", "answer": "x"}\n' + line + "\n")
+        with pytest.raises(CrossrouteError, match=msg):
+            load_pairs_jsonl(bad)
+    with pytest.raises(CrossrouteError, match="no such JSONL"):
+        load_pairs_jsonl(tmp_path / "missing.jsonl")
+    uneven = tmp_path / "uneven.jsonl"
+    uneven.write_text('{"clean": "M:1+2=", "corrupted": "M:10+2=", "answer": "3"}\n')
+    _, tok = _tiny()
+    with pytest.raises(CrossrouteError, match=r"uneven.jsonl:1: clean and corrupted prompts are 6 and 7 tokens"):
+        make_pair_batches(tok, load_pairs_jsonl(uneven), 4)
+
+
+def test_parse_models() -> None:
+    assert parse_models("rl=a/b, sft=c") == {"rl": "a/b", "sft": "c"}
+    for bad in ("rl", "base=x", "rl=a,rl=b", "=x"):
+        with pytest.raises(CrossrouteError):
+            parse_models(bad)
+
+
+def test_kl_of_a_model_to_itself_is_zero_and_positive_to_another() -> None:
+    from crossroute.razor import kl_to_base
+
+    model, tok = _tiny(6)
+    other, _ = _tiny(7)
+    prompts = [p.clean for p in pairs_for("math", 6)]
+    same = kl_to_base(model, model, tok, prompts, max_new_tokens=4, seed=0)
+    assert same["kl_token"] == 0.0 and same["n_tokens"] > 0
+    assert kl_to_base(model, other, tok, prompts, max_new_tokens=4, seed=0)["kl_token"] > 0
