@@ -53,15 +53,15 @@ def float64_qwen3(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.nn.functional, "softmax", softmax64)
 
 
-def test_hvp_matches_central_difference_of_gradient(float64_qwen3: None) -> None:
-    """(∇L(θ+hv) − ∇L(θ−hv)) / 2h ≈ H v along a random unit direction, float64 end to end."""
-    model, tok = _tiny64(2)
-    batches = make_batches(tok, BUILTIN["math"].examples("train", 5, seed=0), 3)
-    params = dict(model.named_parameters())
-    v = _rand(model, 0)
+def _unit(v: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     norm = _dot(v, v) ** 0.5
-    v = {k: x / norm for k, x in v.items()}
-    hv = hvp(model, batches, v)
+    return {k: x / norm for k, x in v.items()}
+
+
+def _central_difference(model: torch.nn.Module, batches: list, v: dict[str, torch.Tensor],
+                        h: float) -> dict[str, torch.Tensor]:
+    """(∇L(θ+hv) − ∇L(θ−hv)) / 2h, restoring θ afterwards."""
+    params = dict(model.named_parameters())
     old = {k: p.detach().clone() for k, p in params.items()}
 
     def grad_at(t: float) -> dict[str, torch.Tensor]:
@@ -74,9 +74,17 @@ def test_hvp_matches_central_difference_of_gradient(float64_qwen3: None) -> None
                 p.copy_(old[k])
         return g
 
-    h = 1e-4
     gp, gm = grad_at(h), grad_at(-h)
-    fd = {k: (gp[k] - gm[k]) / (2 * h) for k in gp}
+    return {k: (gp[k] - gm[k]) / (2 * h) for k in gp}
+
+
+def test_hvp_matches_central_difference_of_gradient(float64_qwen3: None) -> None:
+    """(∇L(θ+hv) − ∇L(θ−hv)) / 2h ≈ H v along a random unit direction, float64 end to end."""
+    model, tok = _tiny64(2)
+    batches = make_batches(tok, BUILTIN["math"].examples("train", 5, seed=0), 3)
+    v = _unit(_rand(model, 0))
+    hv = hvp(model, batches, v)
+    fd = _central_difference(model, batches, v, 1e-4)
     assert hv[next(iter(hv))].dtype == torch.float64
     assert _rel(hv, fd) < 1e-6
     # forward-over-reverse gives the same product
@@ -87,26 +95,9 @@ def test_hvp_finite_difference_stock_qwen3() -> None:
     """Without the float64 patches (fp32 norms/softmax inside): still within 1e-3."""
     model, tok = _tiny64(3)
     batches = make_batches(tok, BUILTIN["code"].examples("train", 4, seed=0), 4)
-    params = dict(model.named_parameters())
-    v = _rand(model, 1)
-    norm = _dot(v, v) ** 0.5
-    v = {k: x / norm for k, x in v.items()}
+    v = _unit(_rand(model, 1))
     hv = hvp(model, batches, v)
-    old = {k: p.detach().clone() for k, p in params.items()}
-
-    def grad_at(t: float) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            for k, p in params.items():
-                p.copy_(old[k] + t * v[k])
-        g = grad_and_hvp(model, batches, {})[1]
-        with torch.no_grad():
-            for k, p in params.items():
-                p.copy_(old[k])
-        return g
-
-    h = 1e-3
-    gp, gm = grad_at(h), grad_at(-h)
-    assert _rel(hv, {k: (gp[k] - gm[k]) / (2 * h) for k in gp}) < 1e-3
+    assert _rel(hv, _central_difference(model, batches, v, 1e-3)) < 1e-3
 
 
 def test_symmetry_batching_and_restriction(float64_qwen3: None) -> None:

@@ -8,18 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from crossroute.batching import collate, encode_pair
 from crossroute.domains import BUILTIN, DEFAULT_DOMAINS
 from crossroute.evaluate import evaluate_all
 from crossroute.model import DEFAULT_CHECKPOINT, load_model
-from crossroute.pretrain import PretrainConfig, collate, pretrain
+from crossroute.pretrain import PretrainConfig, pretrain
 from crossroute.tokenizer import build_char_tokenizer
 
 
 def test_collate_masks_prompt_and_padding() -> None:
     tok = build_char_tokenizer()
-    from crossroute.pretrain import _encode
-
-    ids, labels = _encode(tok, "M:1+2=", "3")
+    ids, labels = encode_pair(tok, "M:1+2=", "3")
     assert labels == [-100] * 6 + [tok.convert_tokens_to_ids("3"), tok.eos_token_id]
     batch = collate([(ids, labels), ([5, 6], [5, 6])], tok.pad_token_id)
     assert batch["input_ids"].shape == (2, 8)

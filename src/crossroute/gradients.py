@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .batching import collate, encode_pair
 from .domains import Domain, Example, get_domain
 from .errors import CrossrouteError
 from .model import load_model
@@ -45,26 +46,8 @@ def make_batches(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    seqs: list[tuple[list[int], list[int]]] = []
-    for ex in examples:
-        p = list(tokenizer(ex.prompt, add_special_tokens=True)["input_ids"])
-        a = list(tokenizer(ex.answer, add_special_tokens=False)["input_ids"]) + eos
-        seqs.append((p + a, [-100] * len(p) + a))
-    seqs.sort(key=lambda s: len(s[0]))
-    batches: list[Batch] = []
-    for start in range(0, len(seqs), batch_size):
-        chunk = seqs[start : start + batch_size]
-        width = max(len(ids) for ids, _ in chunk)
-        ids = torch.full((len(chunk), width), pad or 0, dtype=torch.long)
-        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, (x, y) in enumerate(chunk):
-            ids[i, : len(x)] = torch.tensor(x)
-            labels[i, : len(y)] = torch.tensor(y)
-            mask[i, : len(x)] = 1
-        batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
-    return batches
+    seqs = sorted((encode_pair(tokenizer, ex.prompt, ex.answer) for ex in examples), key=lambda s: len(s[0]))
+    return [collate(seqs[i : i + batch_size], pad or 0) for i in range(0, len(seqs), batch_size)]
 
 
 def n_label_tokens(batches: list[Batch]) -> int:

@@ -14,6 +14,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .batching import collate, encode_pair
 from .domains import BUILTIN, DEFAULT_DOMAINS, kb_facts, other_convention
 from .model import build_default_model, save_model
 from .progress import progress_bar
@@ -39,13 +40,6 @@ class PretrainConfig(BaseModel):
     threads: int = 2
 
 
-def _encode(tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str) -> tuple[list[int], list[int]]:
-    """Token ids of prompt+answer+eos, and labels that train only on the answer and eos."""
-    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return p + a, [-100] * len(p) + a
-
-
 def build_corpus(tokenizer: PreTrainedTokenizerBase, cfg: PretrainConfig) -> tuple[list, list]:
     """(task sequences, fact sequences): train-split examples of every built-in domain, and KB facts."""
     tasks = []
@@ -53,25 +47,12 @@ def build_corpus(tokenizer: PreTrainedTokenizerBase, cfg: PretrainConfig) -> tup
     for name in DEFAULT_DOMAINS:
         for ex in BUILTIN[name].examples("train", cfg.pool_per_domain, seed=cfg.seed):
             answer = other_convention(name, ex.answer) if rng.random() < cfg.convention_noise else ex.answer
-            tasks.append(_encode(tokenizer, ex.prompt, answer))
+            tasks.append(encode_pair(tokenizer, ex.prompt, answer))
     facts = []
     for fact in kb_facts():
         ids = tokenizer(fact, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         facts.append((ids, ids[:]))
     return tasks, facts
-
-
-def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch of (ids, labels) into tensors with an attention mask."""
-    width = max(len(ids) for ids, _ in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, (x, y) in enumerate(batch):
-        ids[i, : len(x)] = torch.tensor(x)
-        labels[i, : len(y)] = torch.tensor(y)
-        mask[i, : len(x)] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
 def pretrain(
