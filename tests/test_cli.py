@@ -64,3 +64,44 @@ def test_eval_writes_json_and_report(tmp_path: Path, tiny_ckpt: Path) -> None:
 def test_help_has_an_example(cmd: str) -> None:
     p = run_cli(cmd, "--help")
     assert p.returncode == 0 and "Example:" in p.stdout
+
+
+def _planted(tiny: Path, dst: Path, edit: str) -> Path:
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(tiny, dst)
+    f = dst / "model.safetensors"
+    if edit == "nan":
+        w = load_file(str(f))
+        w["model.layers.1.mlp.up_proj.weight"][0, :3] = float("nan")
+        save_file(w, str(f), metadata={"format": "pt"})
+    elif edit == "truncate":
+        data = f.read_bytes()
+        f.write_bytes(data[: len(data) - 100])
+    elif edit == "vocab":
+        cfg = json.loads((dst / "config.json").read_text())
+        cfg["vocab_size"] = 10
+        (dst / "config.json").write_text(json.dumps(cfg))
+        w = load_file(str(f))
+        w = {k: (v[:10].contiguous() if v.shape[0] == 83 else v) for k, v in w.items()}
+        save_file(w, str(f), metadata={"format": "pt"})
+    assert torch  # imported for the tensor edits above
+    return dst
+
+
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        ("nan", "tensor 'model.layers.1.mlp.up_proj.weight' has 3 NaN and 0 inf values"),
+        ("truncate", "model.safetensors"),
+        ("vocab", "83"),
+    ],
+)
+def test_bad_checkpoints_exit_2_with_one_line(tmp_path: Path, tiny_ckpt: Path, edit: str, needle: str) -> None:
+    bad = _planted(tiny_ckpt, tmp_path / "bad", edit)
+    p = run_cli("eval", "--model", str(bad), "--domains", "math", "--n", "4", "--out", str(tmp_path / "run"))
+    assert_one_line_error(p, needle)
+    assert not (tmp_path / "run").exists()  # refused before anything was written

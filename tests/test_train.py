@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import crossroute.train as train
 from crossroute.errors import CrossrouteError
@@ -122,3 +124,83 @@ def test_two_stage_run_then_resume_after_failure(tmp_path: Path, tiny_ckpt: Path
     other = parse_train_config({**tiny_config(tiny_ckpt), "seed": 1})
     with pytest.raises(CrossrouteError, match="different config"):
         run_training(other, out)
+
+
+def _weights(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Any, dict]:
+    """An uninterrupted run of the kill/resume config, and the number of atomic renames it makes."""
+    import crossroute.atomic as atomic
+
+    raw = {**tiny_config(tiny_ckpt), "domains": ["cw", "qa"],
+           "stages": [{"domain": "cw", "steps": 2}, {"domain": "qa", "steps": 2}],
+           "refresh": {"domain": "cw", "steps": 1}}
+    calls = {"n": 0}
+    real = atomic.os.replace
+
+    def counting(*a: Any) -> None:
+        calls["n"] += 1
+        real(*a)
+
+    atomic.os.replace = counting  # type: ignore[assignment]
+    try:
+        out = tmp_path_factory.mktemp("reference") / "run"
+        result = run_training(parse_train_config(raw), out)
+    finally:
+        atomic.os.replace = real  # type: ignore[assignment]
+    return raw, {"result": result, "weights": _weights(out / "checkpoints" / "refresh_cw")}, calls
+
+
+@pytest.mark.slow
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_killed_anywhere_then_resumed_equals_uninterrupted(data: st.DataObject, reference_run: tuple) -> None:
+    """A crash at any atomic write (checkpoint or result) and a rerun give the uninterrupted run's
+    forgetting matrix and final weights, bit for bit."""
+    import tempfile
+
+    import torch
+
+    import crossroute.atomic as atomic
+
+    raw, ref, calls = reference_run
+    kill_at = data.draw(st.integers(1, calls["n"]), label="kill at atomic rename #")
+    real = atomic.os.replace
+    seen = {"n": 0}
+
+    def dying(*a: Any) -> None:
+        seen["n"] += 1
+        if seen["n"] == kill_at:
+            raise KeyboardInterrupt("killed")
+        real(*a)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run"
+        atomic.os.replace = dying  # type: ignore[assignment]
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                run_training(parse_train_config(raw), out)
+        finally:
+            atomic.os.replace = real  # type: ignore[assignment]
+        result = run_training(parse_train_config(raw), out)
+        assert result["matrix"] == ref["result"]["matrix"]
+        got = _weights(out / "checkpoints" / "refresh_cw")
+        assert all(torch.equal(got[k], v) for k, v in ref["weights"].items())
+
+
+def test_unreachable_judge_is_refused_before_training(tiny_ckpt: Path, tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    raw = {**tiny_config(tiny_ckpt), "domains": ["cw"], "stages": [{"domain": "cw", "steps": 1}], "refresh": None,
+           "judge": {"base_url": f"http://127.0.0.1:{port}/v1", "model": "judge", "retries": 1, "backoff_s": 0.01}}
+    with pytest.raises(CrossrouteError, match=rf"judge endpoint http://127.0.0.1:{port}/v1 unreachable"):
+        run_training(parse_train_config(raw), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

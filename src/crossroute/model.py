@@ -119,6 +119,10 @@ def load_model(
 ) -> Loaded:
     """Load a local causal-LM checkpoint and its tokenizer from safetensors (no hub, no pickle)."""
     path = check_checkpoint_dir(path)
+    from .checks import check_tokenizer_matches, check_weights
+
+    check_weights(path)  # NaN/inf, truncated or corrupt shards: one line naming file and tensor
+    check_tokenizer_matches(path)
     tokenizer = load_tokenizer(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(

@@ -77,13 +77,21 @@ def open_run(path: str | Path, config: dict[str, Any], kind: str) -> RunDir:
             f"{run.config_path}: this run directory holds a different config (field "
             f"{changed[0]!r} differs); pass a new output directory or delete the old run."
         )
-    if run.root.exists() and existing is None and any(run.root.iterdir()):
-        raise CrossrouteError(f"{run.root}: exists, is not empty and has no run.yaml; pick a new output directory.")
+    if existing is None:
+        # Only leftovers of an interrupted atomic write may be there (a run killed before its run.yaml).
+        other = [p for p in run.root.iterdir() if not _is_temp(p)] if run.root.exists() else []
+        if other:
+            raise CrossrouteError(f"{run.root}: exists, is not empty and has no run.yaml; pick a new output "
+                                  "directory.")
+        atomic_write_yaml(run.config_path, resolved)  # first, so a directory with content always has one
     run.results.mkdir(parents=True, exist_ok=True)
     run.checkpoints.mkdir(parents=True, exist_ok=True)
-    if existing is None:
-        atomic_write_yaml(run.config_path, resolved)
     return run
+
+
+def _is_temp(path: Path) -> bool:
+    """A temporary file or directory of crossroute.atomic (`.NAME.*.tmp`), left by an interrupted write."""
+    return path.name.startswith(".") and path.name.endswith(".tmp")
 
 
 def load_run(path: str | Path) -> RunDir:

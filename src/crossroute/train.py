@@ -20,6 +20,7 @@ from .config import load_yaml_mapping, validate_config
 from .domains import Domain, get_domain
 from .errors import CrossrouteError
 from .evaluate import evaluate_all, scores_json
+from .judge import JudgeConfig, check_endpoint, judge_reward
 from .model import check_checkpoint_dir, load_model, load_tokenizer, resolve_model_path, save_model
 from .progress import console
 from .rundir import RunDir, open_run
@@ -51,6 +52,8 @@ class TrainConfig(BaseModel):
     grpo: dict[str, Any] = Field(default_factory=dict)
     stages: list[StageConfig] = Field(min_length=1)
     refresh: StageConfig | None = None
+    # An OpenAI-compatible LLM judge that replaces the rule-based rubric of writing (rubric) domains.
+    judge: JudgeConfig | None = None
 
     @field_validator("domains")
     @classmethod
@@ -206,7 +209,8 @@ def _run_stage(cfg: TrainConfig, stage: StageConfig, name: str, init: Path, run:
     tokenizer = load_tokenizer(init)
     model = load_model(init).model
     model.train()
-    trainer = GRPOTrainer(model=model, reward_funcs=domain.reward_func(), args=args, train_dataset=dataset,
+    reward = judge_reward(cfg.judge) if cfg.judge is not None and domain.kind == "rubric" else domain.reward_func()
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset,
                           processing_class=tokenizer)
     t0 = time.perf_counter()
     trainer.train()
@@ -233,6 +237,8 @@ def _evaluate_checkpoint(run: RunDir, name: str, ckpt: Path, cfg: TrainConfig, d
 def run_training(cfg: TrainConfig, out: str | Path) -> dict[str, Any]:
     """Run (or resume) the sequence and the refresh; returns the forgetting results written to results/."""
     base = check_checkpoint_dir(cfg.model)
+    if cfg.judge is not None:
+        check_endpoint(cfg.judge)  # a judge that is down fails here, not hours into training
     run = open_run(out, {**cfg.model_dump(), "model": str(base)}, kind="train")
     domains = [get_domain(d) for d in cfg.domains]
     by_name = {d.name: d for d in domains}
