@@ -105,3 +105,40 @@ def test_bad_checkpoints_exit_2_with_one_line(tmp_path: Path, tiny_ckpt: Path, e
     p = run_cli("eval", "--model", str(bad), "--domains", "math", "--n", "4", "--out", str(tmp_path / "run"))
     assert_one_line_error(p, needle)
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_disk_full_during_save_is_one_line_and_leaves_nothing(tmp_path: Path, tiny_ckpt: Path,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    import errno
+    import os as os_mod
+
+    import crossroute.atomic as atomic
+    from crossroute import cli
+
+    real_fdopen = os_mod.fdopen
+
+    class FullDisk:
+        def __init__(self, fh: object) -> None:
+            self.fh = fh
+
+        def __enter__(self) -> FullDisk:
+            return self
+
+        def __exit__(self, *a: object) -> None:
+            self.fh.close()  # type: ignore[attr-defined]
+
+        def write(self, data: bytes) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic.os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode)))
+    out = tmp_path / "run"
+    monkeypatch.setattr(sys, "argv", ["crossroute", "eval", "--model", str(tiny_ckpt), "--domains", "math",
+                                      "--n", "2", "--out", str(out)])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    assert e.value.code == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and "No space left on device" in err[0] and "Traceback" not in err[0]
+    leftovers = [p for p in out.rglob("*") if p.is_file()] if out.exists() else []
+    assert leftovers == []  # neither run.yaml nor a temp file survived

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from crossroute.domains import (
@@ -193,3 +193,47 @@ def test_jsonl_with_tests_is_a_sandboxed_code_domain(tmp_path: Path) -> None:
     want = ex.rubric["tests"].split("== ")[1]
     assert d.score(ex, f"def f():\n    return {want}") == 1.0
     assert d.score(ex, "def f():\n    return -1") == 0.0
+
+
+_json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                            lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
+                            max_leaves=6)
+_lines = st.one_of(
+    st.text(max_size=40),
+    st.dictionaries(st.sampled_from(["prompt", "answer", "rubric", "split", "id", "tests", "x"]), _json_values,
+                    max_size=4).map(json.dumps),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(_lines, max_size=6))
+def test_jsonl_loader_fuzz_never_crashes(lines: list[str]) -> None:
+    """Any file content either loads or gives a one-line CrossrouteError naming the file."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "f.jsonl"
+        path.write_text("\n".join(lines))
+        try:
+            d = get_domain(str(path))
+        except CrossrouteError as e:
+            assert str(path) in str(e) and "\n" not in str(e)
+        else:
+            assert d.examples("train") + d.examples("eval")
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.one_of(st.text(max_size=80), _json_values.map(json.dumps)))
+def test_train_yaml_fuzz_never_crashes(text: str) -> None:
+    """Any YAML text either validates or gives a one-line CrossrouteError naming the file."""
+    import tempfile
+
+    from crossroute.train import load_train_config
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "c.yaml"
+        path.write_text(text)
+        try:
+            load_train_config(path)
+        except CrossrouteError as e:
+            assert str(path) in str(e) and "\n" not in str(e)

@@ -71,6 +71,9 @@ def test_shipped_configs_validate() -> None:
     assert CPIFT_CONFIG.read_text() == (root / "cpift_default.yaml").read_text()
     raw = yaml.safe_load((root / "qwen3_real.yaml").read_text())
     assert raw["grpo"]["use_vllm"] is True  # documented real-checkpoint example
+    from crossroute.judge import JudgeConfig
+
+    assert JudgeConfig.model_validate(raw["judge"]).url == "http://127.0.0.1:8000/v1/chat/completions"
 
 
 def test_forgetting_summary_hand_computed() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -12,6 +14,8 @@ from rich.table import Table
 from .errors import CrossrouteError
 from .progress import console
 from .rundir import RunDir
+
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}
 
 app = typer.Typer(
     add_completion=False,
@@ -393,6 +397,14 @@ def main() -> None:
     except KeyboardInterrupt:
         console.print("crossroute: interrupted; run the same command again to resume.")
         sys.exit(130)
+    except OSError as e:
+        if e.errno not in DISK_ERRORS:
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        console.print(f"[red]crossroute: error:[/red] {os.strerror(e.errno)}{where}; nothing partial was kept (writes "
+                      "are atomic): free space or fix permissions, then run the same command again to resume.",
+                      highlight=False, soft_wrap=True)
+        sys.exit(2)
     except (typer.Abort, typer.Exit) as e:
         sys.exit(getattr(e, "exit_code", 1))
     except Exception as e:  # click usage errors
