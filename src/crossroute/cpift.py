@@ -17,6 +17,7 @@ per task, in config order): the same total steps as the probes.
 from __future__ import annotations
 
 import html
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -81,7 +82,7 @@ class CpiftConfig(BaseModel):
 def parse_cpift_config(raw: dict[str, Any], where: str = "config") -> CpiftConfig:
     """Validate a mapping (pydantic, then the SFTConfig it implies); errors name the field."""
     cfg = validate_config(CpiftConfig, raw, where, "tasks")
-    make_sft_config(sft_kwargs(cfg.sft, cfg.steps, "/tmp/crossroute-check", cfg.seed, cfg.learning_rate,
+    make_sft_config(sft_kwargs(cfg.sft, cfg.steps, tempfile.gettempdir(), cfg.seed, cfg.learning_rate,
                                cfg.batch_size), where)
     return cfg
 

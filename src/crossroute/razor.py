@@ -32,7 +32,7 @@ from .rundir import RunDir
 from .sft import sft_train
 from .train import StageConfig, TrainConfig, run_training
 
-# The demo's RL stage settings (configs/default_sequence.yaml; /tmp/demo2 checkpoints/01_math).
+# The demo's RL stage settings (configs/default_sequence.yaml, its first stage).
 DEFAULT_GRPO: dict[str, Any] = {"num_generations": 8, "per_device_train_batch_size": 64, "max_completion_length": 24,
                                 "learning_rate": 1e-4, "beta": 0.0, "loss_type": "dapo", "temperature": 1.0,
                                 "logging_steps": 10}
