@@ -23,6 +23,7 @@ from .evaluate import evaluate_all, scores_json
 from .judge import JudgeConfig, check_endpoint, judge_reward
 from .model import check_checkpoint_dir, load_model, load_tokenizer, resolve_model_path, save_model
 from .progress import console
+from .protect import ProtectCallback, ProtectConfig
 from .rundir import RunDir, open_run
 
 # GRPOConfig fields crossroute sets itself (per stage / per device); users may not override them.
@@ -37,6 +38,8 @@ class StageConfig(BaseModel):
     domain: str
     steps: int = Field(gt=0)
     grpo: dict[str, Any] = Field(default_factory=dict)
+    # Optional: protect earlier domains' conflict units during this stage (crossroute.protect).
+    protect: ProtectConfig | None = None
 
 
 class TrainConfig(BaseModel):
@@ -70,6 +73,8 @@ class TrainConfig(BaseModel):
             where = f"stages[{i}]" if i < len(self.stages) else "refresh"
             if st.domain not in self.domains:
                 raise ValueError(f"{where}.domain {st.domain!r} is not in domains {self.domains}")
+            if st.protect is not None and st.domain in st.protect.domains:
+                raise ValueError(f"{where}.protect.domains lists the stage's own domain {st.domain!r}")
         return self
 
 
@@ -210,8 +215,12 @@ def _run_stage(cfg: TrainConfig, stage: StageConfig, name: str, init: Path, run:
     model = load_model(init).model
     model.train()
     reward = judge_reward(cfg.judge) if cfg.judge is not None and domain.kind == "rubric" else domain.reward_func()
+    callbacks = []
+    if stage.protect is not None:
+        callbacks.append(ProtectCallback(stage.protect, model, tokenizer, domain, args.learning_rate,
+                                         stage.steps, seed=cfg.seed))
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset,
-                          processing_class=tokenizer)
+                          processing_class=tokenizer, callbacks=callbacks or None)
     t0 = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - t0
@@ -219,7 +228,8 @@ def _run_stage(cfg: TrainConfig, stage: StageConfig, name: str, init: Path, run:
         save_model(trainer.accelerator.unwrap_model(trainer.model), tokenizer, run.checkpoint(name))
         history = [h for h in trainer.state.log_history if "reward" in h]
         run.write_result(f"train_{name}", {"stage": name, "domain": domain.name, "steps": stage.steps,
-                                           "seconds": round(seconds, 2), "log": history})
+                                           "seconds": round(seconds, 2), "log": history,
+                                           **({"protect": callbacks[0].summary()} if callbacks else {})})
     trainer.accelerator.wait_for_everyone()
     shutil.rmtree(work, ignore_errors=True)
 
