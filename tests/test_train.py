@@ -65,7 +65,9 @@ def test_shipped_configs_validate() -> None:
     root = Path(__file__).parents[1] / "configs"
     cfg = load_train_config(root / "default_sequence.yaml")
     assert [s.domain for s in cfg.stages] == ["math", "code", "qa", "cw"] and cfg.refresh is not None
-    from crossroute.demo import CPIFT_CONFIG, DEMO_CONFIG
+    from crossroute.demo import CPIFT_CONFIG, DEMO_CONFIG, PROTECT_CONFIG
+
+    assert PROTECT_CONFIG.read_text() == (root / "protected_sequence.yaml").read_text()
 
     assert DEMO_CONFIG.read_text() == (root / "default_sequence.yaml").read_text()  # the demo runs this config
     assert CPIFT_CONFIG.read_text() == (root / "cpift_default.yaml").read_text()

@@ -13,6 +13,7 @@ from .train import load_train_config, run_checkpoints, run_training
 
 DEMO_CONFIG = ASSETS / "demo_sequence.yaml"  # identical to configs/default_sequence.yaml (a test checks)
 CPIFT_CONFIG = ASSETS / "cpift_default.yaml"  # identical to configs/cpift_default.yaml (a test checks)
+PROTECT_CONFIG = ASSETS / "protected_sequence.yaml"  # identical to configs/protected_sequence.yaml
 
 
 def _diagnose(run: RunDir, first: str, probe: str) -> None:
@@ -70,6 +71,11 @@ def run_demo(out: Path, eval_n: int | None = None) -> Path:
     run = RunDir(Path(out))
     _repair(run, cfg.stages[0].domain, [st.domain for st in cfg.stages[1:]])
     console.print(f"damage + rollback: {time.perf_counter() - t2:.0f} s")
+    t2 = time.perf_counter()
+    if run.read_result("forgetting_protected") is None:
+        protected = run_training(load_train_config(PROTECT_CONFIG), run.root / "protected")
+        run.write_result("forgetting_protected", protected)
+    console.print(f"protected sequence (freeze math's conflict units): {time.perf_counter() - t2:.0f} s")
     t2 = time.perf_counter()
     if run.read_result("cpift") is None:
         from .cpift import run_cpift
