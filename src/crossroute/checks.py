@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .diff import CHUNK_ELEMS, _blocks, _max_block, _pread, _tensor_infos, _TensorInfo, _weight_files
+from .diff import CHUNK_ELEMS, _blocks, _max_block, _pread, _tensor_infos, _TensorInfo, _weight_files, open_shards
 from .errors import CrossrouteError
 from .model import resolve_model_path
 
@@ -63,11 +62,8 @@ def check_weights(path: str | Path, chunk: int = CHUNK_ELEMS) -> None:
     if not infos:
         return
     buf = bytearray(max(_max_block(i.shape, chunk) * i.dtype.itemsize for i in infos))
-    fds: dict[Path, int] = {}
-    try:
+    with open_shards(tensors) as fds:
         for info in infos:
-            if info.file not in fds:
-                fds[info.file] = os.open(info.file, os.O_RDONLY)
             row = math.prod(info.shape[1:]) if info.shape else 1
             size = info.dtype.itemsize
             nan = inf = 0
@@ -84,9 +80,6 @@ def check_weights(path: str | Path, chunk: int = CHUNK_ELEMS) -> None:
             if nan or inf:
                 raise CrossrouteError(f"{info.file}: tensor '{names[id(info)]}' has {nan} NaN and {inf} inf "
                                       "values; the checkpoint is corrupt or diverged")
-    finally:
-        for fd in fds.values():
-            os.close(fd)
 
 
 def _tokenizer_vocab(root: Path) -> tuple[int, Path]:

@@ -520,6 +520,21 @@ def _prefetch(fd: int, info: _TensorInfo) -> None:
         os.posix_fadvise(fd, info.start, info.nbytes, os.POSIX_FADV_WILLNEED)
 
 
+@contextlib.contextmanager
+def open_shards(*tensor_maps: dict[str, _TensorInfo]) -> Iterator[dict[Path, int]]:
+    """Read-only descriptors of every shard file holding these tensors (for pread), closed on exit."""
+    fds: dict[Path, int] = {}
+    try:
+        for tensors in tensor_maps:
+            for info in tensors.values():
+                if info.file not in fds:
+                    fds[info.file] = os.open(info.file, os.O_RDONLY)
+        yield fds
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
 @dataclass
 class _TensorResult:
     stats: TensorStats
@@ -542,16 +557,13 @@ class _Streamer:
         self._next = 0  # first tensor (in processing order) not yet prefetched
 
     def __enter__(self) -> _Streamer:
-        for ck in (self.a, self.b):
-            for info in ck.tensors.values():
-                if info.file not in self.fds:
-                    self.fds[info.file] = os.open(info.file, os.O_RDONLY)
+        self._shards = open_shards(self.a.tensors, self.b.tensors)
+        self.fds = self._shards.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds.clear()
+        self._shards.__exit__(None, None, None)
+        self.fds = {}
 
     def prefetch_ahead(self, names: list[str], i: int) -> None:
         """Keep kernel readahead requested for about PREFETCH_BYTES past tensor `i`."""

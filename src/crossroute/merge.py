@@ -28,7 +28,15 @@ import torch
 import yaml
 
 from .atomic import atomic_dir
-from .diff import _ST_DTYPES, _check_same_architecture, _Checkpoint, _load_checkpoint, _natural_key, _pread
+from .diff import (
+    _ST_DTYPES,
+    _check_same_architecture,
+    _Checkpoint,
+    _load_checkpoint,
+    _natural_key,
+    _pread,
+    open_shards,
+)
 from .errors import CrossrouteError
 
 DEFAULT_EPS = 5e-4  # |cos| > 1 - eps counts as colinear (mergekit's DOT_THRESHOLD 0.9995)
@@ -169,15 +177,13 @@ class _Reader:
         self.fds: dict[Path, int] = {}
 
     def __enter__(self) -> _Reader:
-        for info in self.ck.tensors.values():
-            if info.file not in self.fds:
-                self.fds[info.file] = os.open(info.file, os.O_RDONLY)
+        self._shards = open_shards(self.ck.tensors)
+        self.fds = self._shards.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds.clear()
+        self._shards.__exit__(None, None, None)
+        self.fds = {}
 
     def read(self, name: str) -> torch.Tensor:
         info = self.ck.tensors[name]
