@@ -120,3 +120,18 @@ def test_symmetry_batching_and_restriction(float64_qwen3: None) -> None:
     assert all(p.grad is None for p in model.parameters())
     with pytest.raises(CrossrouteError):
         hvp(model, b6, v, params=["nope"])
+
+
+def test_memory_options_hvp_only_and_narrow_accumulators() -> None:
+    """hvp() keeps no gradient; bf16 accumulators on a bf16 model agree with fp32 ones to bf16 precision."""
+    model, tok = build_default_model(4, **TINY)
+    batches = make_batches(tok, BUILTIN["math"].examples("train", 6, seed=0), 2)
+    v = _rand(model, 5)
+    loss, g, hv = grad_and_hvp(model, batches, v, with_grad=False)
+    assert g == {} and _rel(hv, grad_and_hvp(model, batches, v)[2]) == 0.0
+    assert loss == pytest.approx(grad_and_hvp(model, batches, v)[0])
+    bf = model.to(torch.bfloat16)
+    wide = hvp(bf, batches, v)  # default: fp32 accumulators on a bf16 model
+    narrow = hvp(bf, batches, v, acc_dtype=torch.bfloat16)
+    assert wide[next(iter(wide))].dtype == torch.float32 and narrow[next(iter(narrow))].dtype == torch.bfloat16
+    assert 0 < _rel({k: x.double() for k, x in narrow.items()}, {k: x.double() for k, x in wide.items()}) < 2e-2

@@ -71,6 +71,11 @@ def test_shipped_configs_validate() -> None:
 
     assert DEMO_CONFIG.read_text() == (root / "default_sequence.yaml").read_text()  # the demo runs this config
     assert CPIFT_CONFIG.read_text() == (root / "cpift_default.yaml").read_text()
+    from crossroute.presets import get_preset
+
+    gpu = get_preset("gpu").sequence
+    assert gpu.read_text() == (root / "gpu_sequence.yaml").read_text()
+    assert [s.domain for s in load_train_config(gpu).stages] == [s.domain for s in cfg.stages]
     raw = yaml.safe_load((root / "qwen3_real.yaml").read_text())
     assert raw["grpo"]["use_vllm"] is True  # documented real-checkpoint example
     from crossroute.judge import JudgeConfig

@@ -48,7 +48,7 @@ from .domains import (
     _iter_jsonl,
 )
 from .errors import CrossrouteError
-from .model import load_model
+from .model import default_device, load_model
 from .progress import progress_bar
 from .routes import _O_RE, head_dim_of
 from .rundir import RunDir
@@ -643,7 +643,7 @@ def run_circuits(
         raise CrossrouteError(f"domain {name!r}: no prompt pairs could be built.")
     if not delta >= 0:
         raise CrossrouteError(f"--delta {delta}: the vulnerability margin must be >= 0.")
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = default_device(device)
     results: dict[str, ModelCircuit] = {}
     layout: dict[str, int] = {}
     base_f: dict[str, float] = {}

@@ -45,18 +45,21 @@ def pretrain(
     seed: Annotated[int, typer.Option(help="random seed; the shipped default uses 0")] = 0,
     steps: Annotated[int | None, typer.Option(help="override the number of training steps")] = None,
     eval_n: Annotated[int, typer.Option(help="held-out prompts per domain for the final eval")] = 100,
+    preset: Annotated[str, typer.Option(help="model size: default (~0.8 M, CPU) or gpu (~69 M, one GPU)")] = "default",
 ) -> None:
-    """Pretrain the embedded default (Qwen3 architecture, char tokenizer) by SFT on the built-in domains.
+    """Pretrain an embedded model (Qwen3 architecture, char tokenizer) by SFT on the built-in domains.
 
-    Example: crossroute pretrain --out runs/pretrained --seed 0
+    Example: crossroute pretrain --out runs/pretrained --seed 0   (--preset gpu for the ~69 M model)
     """
     from .atomic import atomic_write_json
     from .domains import BUILTIN, DEFAULT_DOMAINS
     from .evaluate import evaluate_all
+    from .presets import get_preset, require_device
     from .pretrain import PretrainConfig
     from .pretrain import pretrain as run_pretrain
 
-    cfg = PretrainConfig(seed=seed, **({"steps": steps} if steps is not None else {}))
+    require_device(get_preset(preset))
+    cfg = PretrainConfig.for_preset(preset, seed=seed, **({"steps": steps} if steps is not None else {}))
     model, tok, stats = run_pretrain(cfg, out=out)
     scores = evaluate_all(model, tok, [BUILTIN[d] for d in DEFAULT_DOMAINS], n=eval_n, show_progress=True)
     atomic_write_json(out / "scores.json", {"config": cfg.model_dump(), **stats, "eval_n": eval_n,
@@ -377,14 +380,17 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> 
 def demo(
     out: Annotated[Path, typer.Option(help="run directory of the demo (rerun to resume)")] = Path("runs/demo"),
     eval_n: Annotated[int | None, typer.Option(help="held-out prompts per domain (default: the config's)")] = None,
+    preset: Annotated[str, typer.Option(help="default: the shipped ~0.8 M model on CPU; gpu: a ~69 M model "
+                                        "pretrained on one GPU (pretrain, sequence, refresh, diagnosis, "
+                                        "rollback, report)")] = "default",
 ) -> None:
-    """The end-to-end pipeline on the embedded default: RL sequence + refresh, then the report.
+    """The end-to-end pipeline on an embedded model: RL sequence + refresh, diagnosis, repairs, the report.
 
-    Example: crossroute demo --out runs/demo
+    Example: crossroute demo --out runs/demo   (on a GPU: crossroute demo --preset gpu --out runs/gpu)
     """
     from .demo import run_demo
 
-    run_demo(out, eval_n=eval_n)
+    run_demo(out, eval_n=eval_n, preset=preset)
 
 
 def main() -> None:

@@ -37,7 +37,7 @@ from .domains import Domain, get_domain
 from .errors import CrossrouteError
 from .gradients import Batch, domain_examples, make_batches, mean_proxy_loss
 from .hvp import grad_and_hvp
-from .model import Loaded, load_model
+from .model import Loaded, default_device, load_model
 from .routes import active_sets, head_dim_of, measure_activity
 from .rundir import RunDir
 
@@ -388,10 +388,6 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(prev)
 
 
-def _auto_device(device: str | None) -> str:
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _load(spec: str | Path | Loaded, device: str) -> Loaded:
     if isinstance(spec, Loaded):
         return spec
@@ -506,7 +502,7 @@ def damage(
     Models are loaded in fp32 with eager attention (twice differentiable).
     """
     t0 = time.perf_counter()
-    dev = _auto_device(device)
+    dev = default_device(device)
     da = get_domain(domain) if isinstance(domain, str) else domain
     laters = _domains(later)
     lb, la = _load(before, dev), _load(after, dev)

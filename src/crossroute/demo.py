@@ -6,10 +6,11 @@ import time
 from pathlib import Path
 
 from .model import ASSETS
+from .presets import Preset, get_preset, require_device
 from .progress import console
 from .report import build_report
-from .rundir import RunDir
-from .train import load_train_config, run_checkpoints, run_training
+from .rundir import RunDir, open_run
+from .train import TrainConfig, load_train_config, run_checkpoints, run_training
 
 DEMO_CONFIG = ASSETS / "demo_sequence.yaml"  # identical to configs/default_sequence.yaml (a test checks)
 CPIFT_CONFIG = ASSETS / "cpift_default.yaml"  # identical to configs/cpift_default.yaml (a test checks)
@@ -53,14 +54,43 @@ def _repair(run: RunDir, first: str, later: list[str]) -> None:
                       f"{100 * (ref['recovery_share'] or 0):.0f} %")
 
 
-def run_demo(out: Path, eval_n: int | None = None) -> Path:
-    """Sequence + refresh on the shipped default, diagnosis, then the report; returns the report path."""
+def _pretrain_base(preset: Preset, cfg: TrainConfig, out: Path) -> None:
+    """For a preset without a shipped checkpoint: pretrain it into the run as checkpoints/base (once)."""
+    from .atomic import atomic_write_json
+    from .pretrain import PretrainConfig, pretrain
+
+    base = Path(out) / "checkpoints" / "base"
+    cfg.model = str(base)
+    run = open_run(out, {**cfg.model_dump(), "model": str(base)}, kind="train")  # as run_training records it
+    if run.has_checkpoint("base"):
+        console.print("[dim]pretrain: done, skipped[/dim]")
+        return
+    pcfg = PretrainConfig.for_preset(preset)
+    console.print(f"[bold]pretrain[/bold] preset {preset.name}: {preset.description}")
+    _, _, stats = pretrain(pcfg, out=base)
+    atomic_write_json(run.results / "pretrain.json", {"config": pcfg.model_dump(), **stats})
+    console.print(f"pretrain: {stats['parameters']:,} parameters, {stats['steps_per_s']} steps/s, "
+                  f"{stats['seconds']} s")
+
+
+def run_demo(out: Path, eval_n: int | None = None, preset: str | Preset = "default") -> Path:
+    """Sequence + refresh on the preset's model, diagnosis, repairs, then the report; returns the report path.
+
+    The default preset starts from the shipped checkpoint and runs every part; a preset without one
+    (gpu) pretrains its model first and runs pretrain, sequence, refresh, diagnosis, rollback, report.
+    """
     from .cli import print_forgetting
 
-    cfg = load_train_config(DEMO_CONFIG)
+    p = get_preset(preset) if isinstance(preset, str) else preset
+    require_device(p)
+    cfg = load_train_config(p.sequence)
     if eval_n is not None:
         cfg.eval_n = eval_n
     t0 = time.perf_counter()
+    if p.shipped is None:
+        _pretrain_base(p, cfg, out)
+        console.print(f"pretrain: {time.perf_counter() - t0:.0f} s")
+        t0 = time.perf_counter()
     result = run_training(cfg, out)
     print_forgetting(result)
     console.print(f"sequence + refresh: {time.perf_counter() - t0:.0f} s")
@@ -71,6 +101,15 @@ def run_demo(out: Path, eval_n: int | None = None) -> Path:
     run = RunDir(Path(out))
     _repair(run, cfg.stages[0].domain, [st.domain for st in cfg.stages[1:]])
     console.print(f"damage + rollback: {time.perf_counter() - t2:.0f} s")
+    if p.full_demo:
+        _prevent_and_compare(run, cfg)
+    path = build_report(out)
+    console.print(f"report: {path}")
+    return path
+
+
+def _prevent_and_compare(run: RunDir, cfg: TrainConfig) -> None:
+    """The default preset's extra parts: protected sequence, CPI-FT vs SFT baselines, RL vs SFT circuits."""
     t2 = time.perf_counter()
     if run.read_result("forgetting_protected") is None:
         protected = run_training(load_train_config(PROTECT_CONFIG), run.root / "protected")
@@ -88,6 +127,3 @@ def run_demo(out: Path, eval_n: int | None = None) -> Path:
 
         run_rl_vs_sft("default", cfg.stages[0].domain, run.root)
     console.print(f"RL vs SFT (forgetting, KL to base, circuit retention): {time.perf_counter() - t2:.0f} s")
-    path = build_report(out)
-    console.print(f"report: {path}")
-    return path

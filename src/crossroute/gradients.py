@@ -20,7 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .batching import collate, encode_pair
 from .domains import Domain, Example, get_domain
 from .errors import CrossrouteError
-from .model import load_model
+from .model import default_device, load_model
 from .progress import progress_bar
 from .rundir import RunDir
 
@@ -294,12 +294,6 @@ def module_cosines(gA: dict[str, torch.Tensor], gB: dict[str, torch.Tensor]) -> 
 # ----------------------------------------------------------------------------- run + render
 
 
-def _auto_device(device: str | None) -> str:
-    if device is not None:
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def run_conflict(
     model_path: str | Path,
     domain_a: Domain | str,
@@ -315,7 +309,7 @@ def run_conflict(
     """g_A, g_B at `model_path` (fp32) and their cosines; writes results/conflict_{A}_{B}.json."""
     da = get_domain(domain_a) if isinstance(domain_a, str) else domain_a
     db = get_domain(domain_b) if isinstance(domain_b, str) else domain_b
-    loaded = load_model(model_path, dtype=torch.float32, device=_auto_device(device))
+    loaded = load_model(model_path, dtype=torch.float32, device=default_device(device))
     model, tok = loaded.model, loaded.tokenizer
     gA, loss_a = gradient_and_loss(model, tok, da, n, batch_size, seed, split, show_progress)
     gB, loss_b = gradient_and_loss(model, tok, db, n, batch_size, seed, split, show_progress)

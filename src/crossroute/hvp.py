@@ -89,8 +89,9 @@ def _loss_fn(batches: list[Batch], loss_fn: LossFn | None) -> LossFn:
     return lambda m, b: proxy_loss(m, b, total)  # type: ignore[arg-type]
 
 
-def _acc_dtype(p: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(p.dtype, torch.float32)
+def _acc_dtype(p: torch.Tensor, acc_dtype: torch.dtype | None = None) -> torch.dtype:
+    """Accumulator dtype: `acc_dtype` when given, else the parameter's dtype widened to at least fp32."""
+    return acc_dtype if acc_dtype is not None else torch.promote_types(p.dtype, torch.float32)
 
 
 def grad_and_hvp(
@@ -101,8 +102,16 @@ def grad_and_hvp(
     method: str = "double_backward",
     loss_fn: LossFn | None = None,
     out_device: str | torch.device | None = "cpu",
+    with_grad: bool = True,
+    acc_dtype: torch.dtype | None = None,
 ) -> tuple[float, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(L, ∇L, H v) over `params` (default: all trainable) from the same passes, fp32 or wider.
+
+    Memory beyond the model and the pass itself: the vector, ∇L and H v, each at `acc_dtype` (default:
+    the parameter dtype widened to fp32, i.e. 4+4+4 bytes per bf16 parameter). For models near the
+    device's size, `with_grad=False` drops the ∇L accumulator (∇L comes back empty) and
+    `acc_dtype=torch.bfloat16` keeps vector and H v in the parameters' own 2 bytes (H v summed over
+    micro-batches in bf16: about 3 significant digits).
 
     `vector` maps parameter names to tensors of their shapes; names of `params` it lacks are zero.
     `loss_fn(model, batch)` replaces the proxy loss (then each batch's value is summed as is).
@@ -116,13 +125,13 @@ def grad_and_hvp(
         raise CrossrouteError("no parameters to differentiate: `params` is empty or nothing "
                               "requires grad.")
     fn = _loss_fn(batches, loss_fn)
-    vecs = [vector[n].to(device=p.device, dtype=_acc_dtype(p)) if n in vector
-            else torch.zeros(p.shape, dtype=_acc_dtype(p), device=p.device) for n, p in named]
+    vecs = [vector[n].to(device=p.device, dtype=_acc_dtype(p, acc_dtype)) if n in vector
+            else torch.zeros(p.shape, dtype=_acc_dtype(p, acc_dtype), device=p.device) for n, p in named]
     for (n, p), v in zip(named, vecs, strict=True):
         if v.shape != p.shape:
             raise CrossrouteError(f"vector[{n!r}] has shape {tuple(v.shape)}, parameter "
                                   f"{tuple(p.shape)}.")
-    g_acc = [torch.zeros_like(v) for v in vecs]
+    g_acc = [torch.zeros_like(v) for v in vecs] if with_grad else []
     h_acc = [torch.zeros_like(v) for v in vecs]
     loss_sum = 0.0
     was_training = model.training
@@ -135,18 +144,20 @@ def grad_and_hvp(
                 else:
                     loss, gs, hs = _fwd_rev(model, b, fn, named, vecs)
                 loss_sum += loss
-                for a, g in zip(g_acc, gs, strict=True):
+                for a, g in zip(g_acc, gs, strict=False):  # g_acc is empty without with_grad
                     if g is not None:
                         a.add_(g.to(a.dtype))
+                del gs
                 for a, h in zip(h_acc, hs, strict=True):
                     if h is not None:
                         a.add_(h.to(a.dtype))
+                del hs
     finally:
         model.train(was_training)
     names = [n for n, _ in named]
     dev = out_device
     return (loss_sum,
-            {n: (a if dev is None else a.to(dev)) for n, a in zip(names, g_acc, strict=True)},
+            {n: (a if dev is None else a.to(dev)) for n, a in zip(names, g_acc, strict=False)},
             {n: (a if dev is None else a.to(dev)) for n, a in zip(names, h_acc, strict=True)})
 
 
@@ -158,9 +169,11 @@ def hvp(
     method: str = "double_backward",
     loss_fn: LossFn | None = None,
     out_device: str | torch.device | None = "cpu",
+    acc_dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
-    """H v of the proxy loss over `batches` (see module docstring and `grad_and_hvp`)."""
-    return grad_and_hvp(model, batches, vector, params, method, loss_fn, out_device)[2]
+    """H v of the proxy loss over `batches` (see module docstring and `grad_and_hvp`); no ∇L is kept."""
+    return grad_and_hvp(model, batches, vector, params, method, loss_fn, out_device, with_grad=False,
+                        acc_dtype=acc_dtype)[2]
 
 
 def _double_backward(model, batch, fn, named, vecs):  # type: ignore[no-untyped-def]

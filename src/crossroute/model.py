@@ -111,13 +111,22 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     return tok
 
 
+def default_device(device: str | torch.device | None = None) -> str:
+    """`device` if given, else the first CUDA GPU when one is visible, else the CPU."""
+    if device is not None:
+        return str(device)
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def load_model(
     path: str | Path,
     dtype: torch.dtype | str = torch.float32,
     attn_implementation: str = "sdpa",
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
 ) -> Loaded:
-    """Load a local causal-LM checkpoint and its tokenizer from safetensors (no hub, no pickle)."""
+    """Load a local causal-LM checkpoint and its tokenizer from safetensors (no hub, no pickle).
+
+    `device` None: CUDA when available (crossroute.model.default_device), else the CPU."""
     path = check_checkpoint_dir(path)
     from .checks import check_tokenizer_matches, check_weights
 
@@ -134,7 +143,7 @@ def load_model(
         )
     except (OSError, ValueError) as e:
         raise CrossrouteError(f"{path}: cannot load the model ({str(e).splitlines()[0]}).") from None
-    model.to(device)
+    model.to(default_device(device))
     model.eval()
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id

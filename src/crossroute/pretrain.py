@@ -9,6 +9,7 @@ import math
 import random
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -16,7 +17,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .batching import collate, encode_pair
 from .domains import BUILTIN, DEFAULT_DOMAINS, kb_facts, other_convention
-from .model import build_default_model, save_model
+from .model import build_default_model, default_device, save_model
+from .presets import Preset, get_preset
 from .progress import progress_bar
 
 
@@ -38,6 +40,15 @@ class PretrainConfig(BaseModel):
         "shared route that later stages fight over)")
     pool_per_domain: int = 4000
     threads: int = 2
+    preset: str = Field("default", description="model size (crossroute.presets): default or gpu")
+    arch: dict[str, Any] = Field(default_factory=dict, description="Qwen3Config overrides of the default size")
+    device: str | None = Field(None, description="cpu, cuda, cuda:1, ...; None: cuda when available")
+
+    @classmethod
+    def for_preset(cls, preset: str | Preset, **overrides: Any) -> PretrainConfig:
+        """The preset's architecture and pretraining recipe, with `overrides` on top."""
+        p = get_preset(preset) if isinstance(preset, str) else preset
+        return cls(**{**p.pretrain, "preset": p.name, "arch": dict(p.arch), **overrides})
 
 
 def build_corpus(tokenizer: PreTrainedTokenizerBase, cfg: PretrainConfig) -> tuple[list, list]:
@@ -60,12 +71,17 @@ def pretrain(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, float]]:
     """Train the default model from `cfg.seed`; save it to `out` when given. Returns stats too."""
     torch.set_num_threads(cfg.threads)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    model, tokenizer = build_default_model(cfg.seed)
+    device = torch.device(cfg.device or default_device())
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)  # bit-identical weights from a seed
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 weights, TF32 matmuls
+    model, tokenizer = build_default_model(cfg.seed, **cfg.arch)
+    model.to(device)
     tasks, facts = build_corpus(tokenizer, cfg)
     rng = random.Random(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                            betas=(0.9, 0.98))
+                            betas=(0.9, 0.98), **({"fused": True} if device.type == "cuda" else {}))
 
     def lr_at(step: int) -> float:
         if step < cfg.warmup_steps:
@@ -78,20 +94,27 @@ def pretrain(
     model.train()
     t0 = time.perf_counter()
     loss_ema = float("nan")
+    sync_every = 1 if device.type == "cpu" else 10  # .item() waits for the GPU: read the loss now and then
     with progress_bar(show_progress) as bar:
         task = bar.add_task("pretrain", total=cfg.steps)
-        for _ in range(cfg.steps):
+        for step in range(cfg.steps):
             batch = rng.sample(tasks, cfg.batch_size - n_facts) + rng.sample(facts, min(n_facts, len(facts)))
-            loss = model(**collate(batch, tokenizer.pad_token_id)).loss
+            inputs = {k: v.to(device, non_blocking=True) for k, v in collate(batch, tokenizer.pad_token_id).items()}
+            loss = model(**inputs).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
-            loss_ema = loss.item() if math.isnan(loss_ema) else 0.98 * loss_ema + 0.02 * loss.item()
+            if step % sync_every == 0 or step == cfg.steps - 1:
+                value = loss.item()
+                keep = 0.98 ** sync_every  # the same decay per step whether read every step or every 10th
+                loss_ema = value if math.isnan(loss_ema) else keep * loss_ema + (1 - keep) * value
             bar.update(task, advance=1, description=f"pretrain loss {loss_ema:.3f}")
     model.eval()
-    stats = {"seconds": round(time.perf_counter() - t0, 1), "final_loss": round(loss_ema, 4),
+    seconds = time.perf_counter() - t0
+    stats = {"seconds": round(seconds, 1), "steps_per_s": round(cfg.steps / seconds, 2), "device": str(device),
+             "final_loss": round(loss_ema, 4),
              "parameters": sum(p.numel() for p in model.parameters())}
     if out is not None:
         save_model(model, tokenizer, out)

@@ -34,7 +34,6 @@ import torch
 
 from .damage import (
     UnitMap,
-    _auto_device,
     _domains,
     attribution,
     param_delta,
@@ -46,7 +45,7 @@ from .errors import CrossrouteError
 from .evaluate import evaluate_domain
 from .gradients import domain_examples, make_batches
 from .hvp import grad_and_hvp
-from .model import load_model, save_model
+from .model import default_device, load_model, save_model
 from .rundir import RunDir
 
 FRACTIONS: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
@@ -235,7 +234,7 @@ def rollback_sweep(
         raise CrossrouteError(f"unknown selector {unknown[0]!r}; use {', '.join(SELECTORS)}.")
     if not fractions or any(not 0 < f <= 100 for f in fractions):
         raise CrossrouteError("rollback fractions must be percentages in (0, 100].")
-    dev = _auto_device(device)
+    dev = default_device(device)
     da = get_domain(domain_a) if isinstance(domain_a, str) else domain_a
     dos = [d for d in _domains(others) if d.name != da.name]
     if not dos:

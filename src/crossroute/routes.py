@@ -24,7 +24,7 @@ from .diff import jaccard
 from .domains import Domain, parse_domains
 from .errors import CrossrouteError
 from .gradients import Batch, domain_examples, make_batches
-from .model import load_model
+from .model import default_device, load_model
 from .progress import progress_bar
 from .rundir import RunDir
 
@@ -317,7 +317,7 @@ def run_routes(
     if not 0 < q <= 100:
         raise CrossrouteError(f"--q {q}: the active share must be in (0, 100] percent.")
     doms = _resolve_domains(domains)
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = default_device(device)
     dtype = torch.bfloat16 if dev.startswith("cuda") else torch.float32
     loaded = load_model(model_path, dtype=dtype, device=dev)
     activity: dict[str, dict[str, torch.Tensor]] = {}

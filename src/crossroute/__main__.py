@@ -1,0 +1,5 @@
+"""`python -m crossroute ...`: the same CLI as the `crossroute` console script (e.g. under accelerate launch)."""
+
+from .cli import main
+
+main()
