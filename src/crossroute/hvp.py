@@ -146,11 +146,11 @@ def grad_and_hvp(
                 loss_sum += loss
                 for a, g in zip(g_acc, gs, strict=False):  # g_acc is empty without with_grad
                     if g is not None:
-                        a.add_(g.to(a.dtype))
+                        a.add_(g)  # in place, cast into the accumulator: no full-size temporary
                 del gs
                 for a, h in zip(h_acc, hs, strict=True):
                     if h is not None:
-                        a.add_(h.to(a.dtype))
+                        a.add_(h)
                 del hs
     finally:
         model.train(was_training)
