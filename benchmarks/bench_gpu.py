@@ -241,6 +241,8 @@ class Bench:
         """Run one part (unless the budget is spent); errors are recorded, never raised."""
         if self.left() <= 0:
             return self.skip(shape, part, "budget")
+        if self.args.parts and not any(part.startswith(p) for p in self.args.parts.split(",")):
+            return self.skip(shape, part, "not selected (--parts)")
         print(f"[{time.perf_counter() - self.t0:7.1f} s] {shape} {part}", flush=True)
         reset_peak(self.dev)
         try:
@@ -466,9 +468,12 @@ def part_diff_crossroute(b: Bench, run: ShapeRun) -> Record:
     from crossroute.diff import diff_checkpoints
 
     workers = os.cpu_count() or 1
-    t0 = time.perf_counter()
-    res = diff_checkpoints(run.files[0].parent, run.files[1].parent, workers=workers)
-    t = time.perf_counter() - t0
+    times = []
+    for _ in range(b.args.diff_repeats):
+        t0 = time.perf_counter()
+        res = diff_checkpoints(run.files[0].parent, run.files[1].parent, workers=workers)
+        times.append(time.perf_counter() - t0)
+    t = min(times)
     changed = 1.0 - sum(x.zero for x in res.tensors) / res.numel
     return throughput(run, t, {"changed_fraction": changed, "planted_fraction": run.planted, "workers": workers},
                       f", {workers} workers, changed {changed:.4%} (planted {run.planted:.4%})")
@@ -492,10 +497,13 @@ def naive_diff(files: list[Path], dev: torch.device) -> tuple[float, float]:
 
 
 def part_naive(b: Bench, run: ShapeRun, dev: torch.device) -> Record:
-    t0 = time.perf_counter()
-    norm, changed = naive_diff(run.files, dev)
-    sync(dev)
-    t = time.perf_counter() - t0
+    times = []
+    for _ in range(b.args.diff_repeats):
+        t0 = time.perf_counter()
+        norm, changed = naive_diff(run.files, dev)
+        sync(dev)
+        times.append(time.perf_counter() - t0)
+    t = min(times)
     return throughput(run, t, {"changed_fraction": changed, "delta_norm": norm}, f", changed {changed:.4%}")
 
 
@@ -700,6 +708,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--prompt-len", type=int, default=16, help="prompt tokens for generate and GRPO")
     ap.add_argument("--grpo-steps", type=int, default=3, help="GRPO steps; the first is the warm-up")
     ap.add_argument("--budget-s", type=float, default=240.0)
+    ap.add_argument("--parts", default="", help="comma-separated part-name prefixes to run (default: all), e.g. diff")
+    ap.add_argument("--diff-repeats", type=int, default=2, help="diff timings: the best of this many passes")
     ap.add_argument("--workdir", default=tempfile.gettempdir(), help="where checkpoints are written")
     ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")

@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
+from crossroute import diff as diff_mod
 from crossroute.diff import (
     diff_checkpoints,
     diff_sequence,
@@ -163,11 +164,14 @@ def test_sequence_jaccard_and_results(ckpts: dict[str, Path], tmp_path: Path) ->
     assert "gate_proj" in html
 
 
-def test_sharded_and_chunked_equal_unsharded(ckpts: dict[str, Path]) -> None:
+def test_sharded_chunked_and_split_equal_unsharded(ckpts: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(list(ckpts["s1_sharded"].glob("*.safetensors"))) > 1
     ref = diff_checkpoints(ckpts["base"], ckpts["s1"]).to_json()
-    for other in (diff_checkpoints(ckpts["base_sharded"], ckpts["s1_sharded"]),
-                  diff_checkpoints(ckpts["base"], ckpts["s1_sharded"], chunk_elems=7)):
+    others = [diff_checkpoints(ckpts["base_sharded"], ckpts["s1_sharded"]),
+              diff_checkpoints(ckpts["base"], ckpts["s1_sharded"], chunk_elems=7)]
+    monkeypatch.setattr(diff_mod, "PIECE_ELEMS", 40)  # every tensor split into pieces over 3 worker threads
+    others.append(diff_checkpoints(ckpts["base"], ckpts["s1"], chunk_elems=7, workers=3))
+    for other in others:
         js = other.to_json()
         for key in ("base", "ckpt"):
             js[key] = ref[key]

@@ -36,6 +36,7 @@ MODULE_TYPES: tuple[str, ...] = (
 UNIT_KINDS: tuple[str, ...] = ("neuron", "head", "kv")
 _UNIT_TAG = {"neuron": "mlp", "head": "head", "kv": "kv"}
 CHUNK_ELEMS = 1 << 20  # fp32 entries per streamed block (4 MiB)
+PIECE_ELEMS = 1 << 23  # entries per unit of work given to a worker thread (8 blocks)
 _MEDIAN_SAMPLES = 1 << 16
 PREFETCH_BYTES = 256 << 20  # per checkpoint, requested ahead of the tensors being diffed
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(weight|bias)$")
@@ -536,6 +537,29 @@ def open_shards(*tensor_maps: dict[str, _TensorInfo]) -> Iterator[dict[Path, int
 
 
 @dataclass
+class _Partial:
+    """One piece's share of a tensor's statistics (all additive, but max and the median sample)."""
+
+    key_counts: torch.Tensor
+    fixes: list[int]
+    unit_sq: torch.Tensor | None
+    base_sq: float = 0.0
+    delta_sq: float = 0.0
+    max_abs: float = 0.0
+    samples: list[torch.Tensor] = field(default_factory=list)
+
+    def merge(self, other: _Partial) -> None:
+        self.key_counts += other.key_counts
+        self.fixes = [x + y for x, y in zip(self.fixes, other.fixes, strict=True)]
+        if self.unit_sq is not None and other.unit_sq is not None:
+            self.unit_sq += other.unit_sq
+        self.base_sq += other.base_sq
+        self.delta_sq += other.delta_sq
+        self.max_abs = max(self.max_abs, other.max_abs)
+        self.samples += other.samples
+
+
+@dataclass
 class _TensorResult:
     stats: TensorStats
     hist: list[int]
@@ -590,44 +614,56 @@ class _Streamer:
         view = _pread(self.fds[info.file], buf, n * size, info.start + r0 * row * size)
         return torch.frombuffer(view, dtype=info.dtype, count=n) if n else torch.empty(0)
 
-    def run(self, name: str) -> _TensorResult:
-        """Stream one tensor block by block; returns its stats, histogram and per-unit δ² sums."""
+    def pieces(self, name: str) -> list[tuple[int, int]]:
+        """Row ranges of about PIECE_ELEMS entries: the units of work spread over worker threads, so one
+        large tensor (an embedding of 150 k rows) is diffed by many workers rather than one."""
+        shape = self.b.tensors[name].shape
+        return list(_blocks(shape, PIECE_ELEMS)) if shape else [(0, 1)]
+
+    def run_piece(self, name: str, r0: int, r1: int) -> _Partial:
+        """Stream rows [r0, r1) of one tensor block by block; its share of the tensor's statistics."""
         ia, ib = self.a.tensors[name], self.b.tensors[name]
         shape = ib.shape
         role = _unit_role(name, shape, self.layout)
         s = self._scratch()
         numel = math.prod(shape)
         row = math.prod(shape[1:]) if len(shape) > 1 else 1
-        key_counts = torch.zeros(_N_KEYS, dtype=torch.int64)
-        unit_sq = torch.zeros(shape[role.axis], dtype=torch.float64) if role else None
-        fixes = [0] * len(self.thresholds)
-        base_sq = delta_sq = max_abs = 0.0
+        part = _Partial(key_counts=torch.zeros(_N_KEYS, dtype=torch.int64), fixes=[0] * len(self.thresholds),
+                        unit_sq=torch.zeros(shape[role.axis], dtype=torch.float64) if role else None)
         stride = max(1, numel // _MEDIAN_SAMPLES)
-        samples: list[torch.Tensor] = []
-        for r0, r1 in _blocks(shape, self.chunk):
-            n = (r1 - r0) * row
+        for b0, b1 in _blocks([r1 - r0, *shape[1:]] if shape else [], self.chunk):
+            q0, q1 = r0 + b0, r0 + b1
+            n = (q1 - q0) * row
             base, delta = s.base[:n], s.delta[:n]
-            base.copy_(self._read(ia, s.raw_a, r0, r1))
-            delta.copy_(self._read(ib, s.raw_b, r0, r1))
+            base.copy_(self._read(ia, s.raw_a, q0, q1))
+            delta.copy_(self._read(ib, s.raw_b, q0, q1))
             delta.sub_(base)
-            base_sq += float(torch.dot(base, base))
-            delta_sq += float(torch.dot(delta, delta))
-            samples.append(base[(-(r0 * row)) % stride::stride].abs())
-            if unit_sq is not None and role is not None:
-                self._unit_block(role, shape, delta, s, unit_sq, r0, r1)
+            part.base_sq += float(torch.dot(base, base))
+            part.delta_sq += float(torch.dot(delta, delta))
+            part.samples.append(base[(-(q0 * row)) % stride::stride].abs())
+            if part.unit_sq is not None and role is not None:
+                self._unit_block(role, shape, delta, s, part.unit_sq, q0, q1)
             delta.abs_()
-            max_abs = max(max_abs, float(delta.max()))
-            self.binner.block(delta, s.key[:n], s.ones64, key_counts, fixes)
-        sample = torch.cat(samples)
+            part.max_abs = max(part.max_abs, float(delta.max()))
+            self.binner.block(delta, s.key[:n], s.ones64, part.key_counts, part.fixes)
+        return part
+
+    def finish(self, name: str, parts: list[_Partial]) -> _TensorResult:
+        """Merge a tensor's pieces into its stats, histogram and per-unit δ² sums."""
+        ib = self.b.tensors[name]
+        first = parts[0]
+        for p in parts[1:]:
+            first.merge(p)
+        sample = torch.cat(first.samples)
         eps = torch.finfo(ib.dtype).eps if ib.dtype.is_floating_point else 1.0
         stats = TensorStats(
-            name=name, shape=list(shape), dtype=str(ib.dtype).removeprefix("torch."),
-            module_type=module_type(name), numel=numel,
-            below=self.binner.below(key_counts, fixes), zero=int(key_counts[0]),
-            delta_sq=delta_sq, base_sq=base_sq, max_abs=max_abs,
+            name=name, shape=list(ib.shape), dtype=str(ib.dtype).removeprefix("torch."),
+            module_type=module_type(name), numel=math.prod(ib.shape),
+            below=self.binner.below(first.key_counts, first.fixes), zero=int(first.key_counts[0]),
+            delta_sq=first.delta_sq, base_sq=first.base_sq, max_abs=first.max_abs,
             resolution=0.5 * eps * float(sample.median()) if sample.numel() else 0.0,
             thresholds=self.thresholds)
-        return _TensorResult(stats, self.binner.histogram(key_counts), unit_sq)
+        return _TensorResult(stats, self.binner.histogram(first.key_counts), first.unit_sq)
 
     @staticmethod
     def _unit_block(role: _UnitRole, shape: list[int], delta: torch.Tensor, s: _Scratch,
@@ -699,11 +735,22 @@ def diff_checkpoints(
           _single_threaded_torch(), ThreadPoolExecutor(n_workers) as pool,
           _progress(progress, len(names), b.root) as tick):
 
-        def job(i: int) -> _TensorResult:
-            streamer.prefetch_ahead(names, i)
-            return streamer.run(names[i])
+        jobs = [(i, r0, r1) for i, name in enumerate(names) for r0, r1 in streamer.pieces(name)]
+        last = {i: j for j, (i, _, _) in enumerate(jobs)}  # index of each tensor's last piece
 
-        for res in pool.map(job, range(len(names))):
+        def job(j: int) -> _Partial:
+            i, r0, r1 = jobs[j]
+            streamer.prefetch_ahead(names, i)
+            return streamer.run_piece(names[i], r0, r1)
+
+        parts: list[_Partial] = []
+        for j, part in enumerate(pool.map(job, range(len(jobs)))):  # in order: a tensor's pieces are adjacent
+            parts.append(part)
+            i = jobs[j][0]
+            if last[i] != j:
+                continue
+            res = streamer.finish(names[i], parts)
+            parts = []
             tensors.append(res.stats)
             hist = [x + y for x, y in zip(hist, res.hist, strict=True)]
             role = _unit_role(res.stats.name, res.stats.shape, layout)
