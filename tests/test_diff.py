@@ -259,3 +259,36 @@ def test_threshold_counts_exact_at_the_boundary(tmp_path: Path) -> None:
     res = diff_checkpoints(tmp_path / "a", tmp_path / "b", thresholds=(1e-7,), chunk_elems=7)
     assert res.tensors[0].below == [3 * 4]  # below, below, 0.999 τ, 0 in each of 3 rows
     assert res.histogram.zero == 3
+
+
+@given(st.floats(0.0, 1.0), st.integers(0, 2**16))
+def test_sparse_and_dense_binning_agree(zero_share: float, seed: int) -> None:
+    """The sparse path (scatter only changed entries) gives the dense path's exact counts."""
+    gen = torch.Generator().manual_seed(seed)
+    absd = (torch.randn(4096, generator=gen) * 10 ** torch.empty(4096).uniform_(-11, -1, generator=gen)).abs()
+    absd[torch.rand(4096, generator=gen) < zero_share] = 0.0
+    absd[:3] = torch.tensor([1e-7, 1e-6, 1e-8])  # entries exactly at thresholds
+    out = []
+    for share in (0.25, -1.0):  # -1: never sparse
+        binner = diff_mod._Binner(diff_mod.THRESHOLDS)
+        counts, fixes = torch.zeros(diff_mod._N_KEYS, dtype=torch.int64), [0] * len(diff_mod.THRESHOLDS)
+        old, diff_mod._SPARSE_SHARE = diff_mod._SPARSE_SHARE, share
+        try:
+            binner.block(absd.clone(), torch.empty(4096, dtype=torch.int32), torch.ones(4096, dtype=torch.int64),
+                         counts, fixes)
+        finally:
+            diff_mod._SPARSE_SHARE = old
+        out.append((binner.below(counts, fixes), binner.histogram(counts)))
+    assert out[0] == out[1]
+    assert out[0][0] == [int((absd < t).sum()) for t in diff_mod.THRESHOLDS]
+
+
+@given(st.lists(st.lists(st.sampled_from([0.0, 0.5, 1.0, 2.0, 3.25]), max_size=6), min_size=1, max_size=4),
+       st.floats(0.0, 100.0))
+def test_top_units_order(per_layer: list[list[float]], pct: float) -> None:
+    """Top units = a plain sort by (-score, layer, index), zeros dropped (ties broken the same way)."""
+    flat = sorted(((s, layer, j) for layer, row in enumerate(per_layer) for j, s in enumerate(row)),
+                  key=lambda t: (-t[0], t[1], t[2]))
+    k = math.ceil(len(flat) * pct / 100.0) if flat and pct > 0 else 0
+    want = [f"L{layer}.mlp.{j}" for s, layer, j in flat[:k] if s > 0]
+    assert diff_mod._top_units({"neuron": per_layer}, pct) == {"neuron": want}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import html
+import itertools
 import json
 import math
 import os
@@ -413,6 +414,7 @@ def _unit_role(name: str, shape: list[int], layout: _Layout | None) -> _UnitRole
 
 _KEY_SHIFT = 16  # key = top 16 bits of |δ| as fp32 = |δ| truncated to bf16 precision
 _N_KEYS = 1 << (31 - _KEY_SHIFT)  # sign bit is clear after abs
+_SPARSE_SHARE = 0.25  # blocks with at most this share of changed entries scatter only those
 
 
 def _f32_bits(x: float) -> int:
@@ -437,11 +439,18 @@ class _Binner:
         self.thr_lo = [struct.unpack("<f", struct.pack("<I", (b >> _KEY_SHIFT) << _KEY_SHIFT))[0]
                        for b in bits]
         self.edge_key = torch.tensor([_f32_bits(10.0**e) >> _KEY_SHIFT for e in self.edges_log10])
+        self.sparse_ok = all(b >> _KEY_SHIFT > 0 for b in bits)  # no τ shares the zeros' key bucket
 
     def block(self, absd: torch.Tensor, key: torch.Tensor, ones: torch.Tensor,
               counts: torch.Tensor, fixes: list[int]) -> None:
         """Add a block of |δ| (flat fp32) to the key `counts`; `fixes[i]` gains the entries of
         τ_i's own key bucket that lie below τ_i (recounted only when that bucket is hit)."""
+        n = absd.numel()
+        nonzero = int(torch.count_nonzero(absd))
+        if self.sparse_ok and nonzero <= n * _SPARSE_SHARE:  # sparse: scatter only changed entries (0 is key 0)
+            absd = absd[absd != 0]
+            key = key[:nonzero]
+            counts[0] += n - nonzero  # zeros lie below every τ and in its bucket's low part alike: no fix
         torch.bitwise_right_shift(absd.view(torch.int32), _KEY_SHIFT, out=key)
         before = counts[self.thr_key].tolist()
         counts.index_add_(0, key, ones[: key.numel()])
@@ -700,10 +709,19 @@ def _top_units(scores: dict[str, list[list[float]]], pct: float) -> dict[str, li
     """Top `pct` % of units of each kind by score (ties: lower layer, then index); zeros dropped."""
     out: dict[str, list[str]] = {}
     for kind, per_layer in scores.items():
-        flat = [(s, layer, j) for layer, row in enumerate(per_layer) for j, s in enumerate(row)]
-        k = math.ceil(len(flat) * pct / 100.0) if flat and pct > 0 else 0
-        flat.sort(key=lambda t: (-t[0], t[1], t[2]))
-        out[kind] = [f"L{layer}.{_UNIT_TAG[kind]}.{j}" for s, layer, j in flat[:k] if s > 0]
+        sizes = [len(row) for row in per_layer]
+        n = sum(sizes)
+        k = math.ceil(n * pct / 100.0) if n and pct > 0 else 0
+        if not k:
+            out[kind] = []
+            continue
+        flat = torch.tensor([s for row in per_layer for s in row], dtype=torch.float64)
+        vals, idx = torch.sort(flat, descending=True, stable=True)  # stable: ties stay in (layer, index) order
+        starts = torch.tensor([0, *itertools.accumulate(sizes)][:-1])
+        picked = idx[:k][vals[:k] > 0]
+        layers = torch.searchsorted(starts, picked, right=True) - 1
+        out[kind] = [f"L{layer}.{_UNIT_TAG[kind]}.{j}"
+                     for layer, j in zip(layers.tolist(), (picked - starts[layers]).tolist(), strict=True)]
     return out
 
 
