@@ -648,6 +648,7 @@ def run_circuits(
     layout: dict[str, int] = {}
     base_f: dict[str, float] = {}
     for mname, path in {"base": str(base), **named}.items():
+        loaded = None  # free the previous model before loading the next (peak: one model, not two)
         loaded = load_model(path, dtype=torch.float32, device=dev)
         res = circuit_of_model(loaded.model, loaded.tokenizer, pairs, target, confirm_top, batch_size,
                                show_progress, f"circuits {mname}")

@@ -150,11 +150,15 @@ def load_model(
     return Loaded(model=model, tokenizer=tokenizer, path=path)
 
 
-def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path) -> Path:
-    """Save weights (safetensors), config and tokenizer into `path`, atomically (temp dir + rename)."""
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path,
+               state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Save weights (safetensors), config and tokenizer into `path`, atomically (temp dir + rename).
+
+    `state_dict`: the full weights when the model's own are sharded (DeepSpeed ZeRO-3, FSDP), as
+    `accelerator.get_state_dict(model)` gathers them."""
     path = Path(path)
     with atomic_dir(path) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
     return path
 

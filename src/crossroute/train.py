@@ -224,8 +224,11 @@ def _run_stage(cfg: TrainConfig, stage: StageConfig, name: str, init: Path, run:
     t0 = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - t0
+    # Every process takes part in gathering the weights (sharded under ZeRO-3/FSDP); the main one writes them.
+    state_dict = trainer.accelerator.get_state_dict(trainer.model)
     if trainer.accelerator.is_main_process:
-        save_model(trainer.accelerator.unwrap_model(trainer.model), tokenizer, run.checkpoint(name))
+        save_model(trainer.accelerator.unwrap_model(trainer.model), tokenizer, run.checkpoint(name),
+                   state_dict=state_dict)
         history = [h for h in trainer.state.log_history if "reward" in h]
         run.write_result(f"train_{name}", {"stage": name, "domain": domain.name, "steps": stage.steps,
                                            "seconds": round(seconds, 2), "log": history,
