@@ -237,13 +237,30 @@ def _run_stage(cfg: TrainConfig, stage: StageConfig, name: str, init: Path, run:
     shutil.rmtree(work, ignore_errors=True)
 
 
+def _dist_state(cfg: TrainConfig) -> Any:
+    """Accelerate's process state (one process without a launcher), with the trainer's own barrier timeout:
+    the other processes wait there while the main one evaluates a stage."""
+    from datetime import timedelta
+
+    from accelerate import PartialState
+
+    return PartialState(timeout=timedelta(seconds=int(cfg.grpo.get("ddp_timeout", 1800))))
+
+
 def _evaluate_checkpoint(run: RunDir, name: str, ckpt: Path, cfg: TrainConfig, domains: list[Domain]) -> dict:
-    res = run.read_result(f"eval_{name}")
-    if res is None:
+    """Evaluate a stage checkpoint once: on the main process only under a multi-process launch (the
+    others wait at a barrier, then read the result file)."""
+    state = _dist_state(cfg)
+    if state.is_main_process and run.read_result(f"eval_{name}") is None:
         loaded = load_model(ckpt)
         scores = evaluate_all(loaded.model, loaded.tokenizer, domains, n=cfg.eval_n)
-        res = {"stage": name, "checkpoint": str(ckpt), **scores_json(scores)}
-        run.write_result(f"eval_{name}", res)
+        run.write_result(f"eval_{name}", {"stage": name, "checkpoint": str(ckpt), **scores_json(scores)})
+        del loaded
+    state.wait_for_everyone()  # every process reaches this once per checkpoint
+    res = run.read_result(f"eval_{name}")
+    if res is None:
+        raise CrossrouteError(f"{run.results}: eval_{name}.json is missing after the main process evaluated it; "
+                              "--out must be on a filesystem every node shares.")
     return res
 
 
@@ -252,7 +269,8 @@ def run_training(cfg: TrainConfig, out: str | Path) -> dict[str, Any]:
     base = check_checkpoint_dir(cfg.model)
     if cfg.judge is not None:
         check_endpoint(cfg.judge)  # a judge that is down fails here, not hours into training
-    run = open_run(out, {**cfg.model_dump(), "model": str(base)}, kind="train")
+    with _dist_state(cfg).main_process_first():  # one process creates the run directory, then the others open it
+        run = open_run(out, {**cfg.model_dump(), "model": str(base)}, kind="train")
     domains = [get_domain(d) for d in cfg.domains]
     by_name = {d.name: d for d in domains}
     names = stage_names(cfg)
