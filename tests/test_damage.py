@@ -10,6 +10,7 @@ import torch
 
 from conftest import TINY, make_tiny
 from crossroute.damage import UnitMap, damage, lanczos, render_damage_section, run_damage
+from crossroute.errors import CrossrouteError
 from crossroute.hvp import hvp
 from crossroute.model import build_default_model, load_model, save_model
 
@@ -96,3 +97,27 @@ def test_lanczos_recovers_top_eigenvalues_of_a_quadratic() -> None:
     assert sorted(full.eigenvalues.tolist()) == pytest.approx(torch.linalg.eigvalsh(explicit).tolist(), abs=1e-8)
     v = full.vectors
     assert torch.allclose(v.T @ v, torch.eye(v.shape[1], dtype=torch.float64), atol=1e-8)
+
+
+def test_layer_restriction_equals_damage_of_the_restricted_update(tmp_path: Path) -> None:
+    """damage(a, b, layers=[1]) = the full analysis of a -> a + δ restricted to layer 1 (built by hand)."""
+    a = make_tiny(tmp_path / "a", seed=0)
+    b = _perturbed(a, tmp_path / "b", 2e-3)
+    la, lb = load_model(a), load_model(b)
+    pb = dict(lb.model.named_parameters())
+    with torch.no_grad():
+        for name, p in la.model.named_parameters():
+            if ".layers.1." in name:
+                p.copy_(pb[name])
+    save_model(la.model, la.tokenizer, tmp_path / "b_layer1")
+    sub = damage(a, b, "math", n=8, batch_size=8, later="qa", k=4, routes_n=8, layers=[1])
+    ref = damage(a, tmp_path / "b_layer1", "math", n=8, batch_size=8, later="qa", k=4, routes_n=8)
+    for field in ("measured", "first_order", "second_order", "loss_before"):
+        assert getattr(sub, field) == pytest.approx(getattr(ref, field), rel=1e-5, abs=1e-9), field
+    units = sub.to_json()["units"]
+    assert all(v == 0.0 for kind in units for v in units[kind][0])  # layer 0: untouched, no attribution
+    assert any(v != 0.0 for v in units["neuron"][1])
+    assert all(u.startswith("L1.") for kind, ids in sub.conflict[0].shared_units.items() for u in ids)
+    assert sub.to_json()["meta"]["layers"] == [1]
+    with pytest.raises(CrossrouteError, match="--layers: the model has decoder layers 0-1, not 7"):
+        damage(a, b, "math", n=4, batch_size=4, layers=[7])

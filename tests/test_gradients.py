@@ -148,6 +148,10 @@ def test_run_conflict_writes_json_and_renders(tmp_path: Path) -> None:
     assert data["loss_a"] > 0 and data["loss_b"] > 0
     page = render_conflict_section([data])
     assert page.startswith("<section") and "<img" in page and "most conflicting" in page
+    sub = run_conflict(ckpt, "math", "code", n=6, batch_size=3, device="cpu", layers=[1]).to_json()
+    assert sub["matrix"][1] == pytest.approx(data["matrix"][1])  # layer 1's per-module cosines are unchanged
+    assert all(c is None for c in sub["matrix"][0])  # layer 0 was not differentiated
+    assert sub["meta"]["layers"] == [1] and sub["global_cosine"] != pytest.approx(res.global_cosine)
 
 
 def test_rubric_only_domain_refused(tmp_path: Path) -> None:

@@ -207,6 +207,8 @@ def conflict(
     domains: Annotated[str, typer.Option("--domains", "-d", help="two domains A,B")] = "math,qa",
     n: Annotated[int, typer.Option(help="examples per domain for each gradient")] = 64,
     batch_size: Annotated[int, typer.Option(help="micro-batch size (memory bound)")] = 16,
+    layers: Annotated[str | None, typer.Option(help="differentiate only these decoder layers, e.g. 28-35 (memory "
+                                               "of large models); default: all")] = None,
     out: Annotated[Path, typer.Option(help="run directory (an existing run gains results/conflict_A_B.json)")] = Path(
         "runs/conflict"),
 ) -> None:
@@ -214,6 +216,7 @@ def conflict(
 
     Example: crossroute conflict runs/demo/checkpoints/01_math --domains math,qa --out runs/demo
     """
+    from .config import parse_layers
     from .domains import parse_domains
     from .gradients import run_conflict
     from .report import build_report
@@ -221,8 +224,10 @@ def conflict(
     doms = parse_domains(domains)
     if len(doms) != 2:
         raise CrossrouteError(f"--domains {domains!r}: conflict compares exactly two domains, e.g. math,qa.")
+    layer_list = parse_layers(layers) if layers is not None else None
     run = analysis_run(out, {"model": model, "domains": domains, "n": n}, kind="conflict")
-    res = run_conflict(model, doms[0], doms[1], n=n, batch_size=batch_size, run_dir=run.root, show_progress=True)
+    res = run_conflict(model, doms[0], doms[1], n=n, batch_size=batch_size, run_dir=run.root, show_progress=True,
+                       layers=layer_list)
     j = res.to_json()
     worst, best = j["most_conflicting"] or {}, j["most_synergistic"] or {}
     console.print(f"global cosine {res.global_cosine:+.4f}; most conflicting {worst.get('module')} "
@@ -241,20 +246,24 @@ def damage(
     batch_size: Annotated[int, typer.Option(help="micro-batch size (memory bound)")] = 64,
     k: Annotated[int, typer.Option(help="Lanczos steps")] = 20,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (1 avoids oversubscription)")] = None,
+    layers: Annotated[str | None, typer.Option(help="restrict delta, gradients and HVPs to these decoder layers, "
+                                               "e.g. 28-35 (memory of large models); default: all")] = None,
     out: Annotated[Path, typer.Option(help="run directory (an existing run gains results/damage_A.json)")] = Path(
         "runs/damage"),
 ) -> None:
     """Second-order damage of a later update to domain A: measured vs g.d + 1/2 d.H.d, per-unit attribution.
 
     Example: crossroute damage --before runs/demo/checkpoints/01_math --after runs/demo/checkpoints/04_cw
-             --domain math --later qa,cw --out runs/demo
+             --domain math --later qa,cw --out runs/demo   (--layers 28-35: a large model's last layers)
     """
+    from .config import parse_layers
     from .damage import run_damage
     from .report import build_report
 
+    layer_list = parse_layers(layers) if layers is not None else None
     run = analysis_run(out, {"before": before, "after": after, "domain": domain}, kind="damage")
     res = run_damage(before, after, domain, later=later, n=n, batch_size=batch_size, run_dir=run.root, k=k,
-                     threads=threads)
+                     threads=threads, layers=layer_list)
     j = res.to_json()
     console.print(f"{domain}: measured {j['measured']:+.4f} = first order {j['first_order']:+.4f} + second order "
                   f"{j['second_order']:+.4f} + error {j['error']:+.4f}; top 1/2/5/10 % of units carry "

@@ -40,3 +40,20 @@ def validate_config(cls: type[M], raw: dict[str, Any], where: str, domains_field
         raise CrossrouteError(f"{where}: field {loc}: {msg}" if loc else f"{where}: {msg}") from None
     except CrossrouteError as e:  # a domain spec that does not resolve
         raise CrossrouteError(f"{where}: field {domains_field}: {e}") from None
+
+
+def parse_layers(spec: str, flag: str = "--layers") -> list[int]:
+    """'28-35,40' -> [28, ..., 35, 40]: decoder-layer indices (sorted, unique) from a CLI range list."""
+    out: set[int] = set()
+    for part in (p.strip() for p in spec.split(",")):
+        lo, sep, hi = part.partition("-")
+        try:
+            a, b = int(lo), int(hi) if sep else int(lo)
+        except ValueError:
+            raise CrossrouteError(f"{flag} {spec!r}: {part!r} is not a layer index or range; write e.g. "
+                                  "28-35 or 0,4,8.") from None
+        if a < 0 or b < a:
+            raise CrossrouteError(f"{flag} {spec!r}: range {part!r} is empty or negative; write LOW-HIGH with "
+                                  "0 <= LOW <= HIGH.")
+        out.update(range(a, b + 1))
+    return sorted(out)

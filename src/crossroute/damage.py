@@ -37,7 +37,7 @@ from .domains import Domain, get_domain
 from .errors import CrossrouteError
 from .gradients import Batch, domain_examples, make_batches, mean_proxy_loss
 from .hvp import grad_and_hvp
-from .model import Loaded, default_device, load_model
+from .model import Loaded, default_device, load_model, params_in_layers
 from .routes import active_sets, head_dim_of, measure_activity
 from .rundir import RunDir
 
@@ -394,11 +394,15 @@ def _load(spec: str | Path | Loaded, device: str) -> Loaded:
     return load_model(spec, dtype=torch.float32, attn_implementation="eager", device=device)
 
 
-def param_delta(before: torch.nn.Module, after: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """δ = after − before per parameter, fp32 (or wider), on `before`'s device."""
+def param_delta(before: torch.nn.Module, after: torch.nn.Module,
+                names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    """δ = after − before per parameter (only `names` when given), fp32 (or wider), on `before`'s device."""
     pa = dict(after.named_parameters())
     out = {}
+    keep = None if names is None else set(names)
     for name, p in before.named_parameters():
+        if keep is not None and name not in keep:
+            continue
         if name not in pa or pa[name].shape != p.shape:
             raise CrossrouteError(f"checkpoints differ in parameter {name!r}; damage needs two "
                                   "checkpoints of the same architecture.")
@@ -495,11 +499,14 @@ def damage(
     split: str = "eval",
     method: str = "double_backward",
     device: str | None = None,
+    layers: Sequence[int] | None = None,
 ) -> DamageResult:
     """Decompose A's loss change from `before` (θ_A) to `after` (θ_A + δ); see module docstring.
 
     `later`: domains B whose shared routes with A bound the conflict subspace (none: skipped).
     Models are loaded in fp32 with eager attention (twice differentiable).
+    `layers`: restrict δ to these decoder layers (S): the measured change is then L(θ_A + δ_S) − L(θ_A),
+    gradients and HVPs cover S only (the memory of a large model's analysis), and so do the units.
     """
     t0 = time.perf_counter()
     dev = default_device(device)
@@ -507,20 +514,22 @@ def damage(
     laters = _domains(later)
     lb, la = _load(before, dev), _load(after, dev)
     model, tok = lb.model, lb.tokenizer
-    delta = param_delta(model, la.model)
+    names = params_in_layers(model, layers) if layers is not None else None
+    delta = param_delta(model, la.model, names)
     batches = make_batches(tok, domain_examples(da, n, seed, split), batch_size)
-    loss_after = mean_proxy_loss(la.model, batches)
+    loss_after = (mean_proxy_loss(la.model, batches) if names is None
+                  else _loss_moved(model, batches, delta))  # L(θ_A + δ_S)
     after_path = str(la.path)
     del la
-    loss_before, g, hd = grad_and_hvp(model, batches, delta, method=method)
+    loss_before, g, hd = grad_and_hvp(model, batches, delta, params=names, method=method)
     umap = UnitMap.of(model)
     attr = attribution(umap, delta, g, hd)
     conflicts = []
     if laters:
         shared = shared_units(model, tok, da, laters, n=routes_n, q=q, seed=seed)
         for b in laters:
-            conflicts.append(conflict_subspace(model, batches, umap, delta, g, shared[b.name],
-                                               b.name, k, method))
+            units = shared[b.name] if layers is None else _in_layers(shared[b.name], layers)
+            conflicts.append(conflict_subspace(model, batches, umap, delta, g, units, b.name, k, method))
     return DamageResult(
         domain=da.name, before=str(lb.path), after=after_path,
         n=n, batch_size=batch_size, split=split, seed=seed, method=method,
@@ -531,7 +540,30 @@ def damage(
         conflict=conflicts, delta_norm=math.sqrt(_dot(delta, delta)),
         runtime_s=time.perf_counter() - t0,
         meta={"q": q, "routes_n": routes_n, "routes_split": "eval", "k": k,
-              "layout": umap.layout.to_json(), "device": dev})
+              "layout": umap.layout.to_json(), "device": dev,
+              "layers": list(layers) if layers is not None else "all"})
+
+
+def _loss_moved(model: torch.nn.Module, batches: list[Batch], delta: dict[str, torch.Tensor]) -> float:
+    """The proxy loss with `delta` added to its parameters for the pass (restored after)."""
+    params = dict(model.named_parameters())
+    saved = {n: params[n].detach().clone() for n in delta}
+    try:
+        with torch.no_grad():
+            for n, d in delta.items():
+                params[n].add_(d.to(params[n].dtype))
+        return mean_proxy_loss(model, batches)
+    finally:
+        with torch.no_grad():
+            for n, t in saved.items():
+                params[n].copy_(t)
+
+
+def _in_layers(units: dict[str, set[str]], layers: Sequence[int]) -> dict[str, set[str]]:
+    """The units (ids like L3.mlp.17) of these decoder layers."""
+    keep = set(layers)
+    return {kind: {u for u in ids if (m := _ID_RE.match(u)) and int(m.group(1)) in keep}
+            for kind, ids in units.items()}
 
 
 def _domains(spec: Sequence[Domain | str] | Domain | str | None) -> list[Domain]:
@@ -564,6 +596,7 @@ def run_damage(
     device: str | None = None,
     routes_n: int = 64,
     threads: int | None = None,
+    layers: Sequence[int] | None = None,
 ) -> DamageResult:
     """`crossroute damage`: the decomposition; writes RUN_DIR/results/damage_{A}.json.
 
@@ -572,7 +605,7 @@ def run_damage(
     """
     with torch_threads(threads):
         res = damage(before, after, domain, n=n, batch_size=batch_size, later=later, k=k, q=q,
-                     routes_n=routes_n, seed=seed, split=split, method=method, device=device)
+                     routes_n=routes_n, seed=seed, split=split, method=method, device=device, layers=layers)
     if run_dir is not None:
         RunDir(Path(run_dir)).write_result(damage_result_name(res.domain), res.to_json())
     return res

@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .batching import collate, encode_pair
 from .domains import Domain, Example, get_domain
 from .errors import CrossrouteError
-from .model import default_device, load_model
+from .model import default_device, load_model, params_in_layers
 from .progress import progress_bar
 from .rundir import RunDir
 
@@ -305,18 +306,27 @@ def run_conflict(
     split: str = "train",
     device: str | None = None,
     show_progress: bool = False,
+    layers: Sequence[int] | None = None,
 ) -> ConflictResult:
-    """g_A, g_B at `model_path` (fp32) and their cosines; writes results/conflict_{A}_{B}.json."""
+    """g_A, g_B at `model_path` (fp32) and their cosines; writes results/conflict_{A}_{B}.json.
+
+    `layers`: differentiate only these decoder layers' parameters (the rest are constants): the
+    per-module cosines of those layers, and a global cosine over them, at a fraction of the memory."""
     da = get_domain(domain_a) if isinstance(domain_a, str) else domain_a
     db = get_domain(domain_b) if isinstance(domain_b, str) else domain_b
     loaded = load_model(model_path, dtype=torch.float32, device=default_device(device))
     model, tok = loaded.model, loaded.tokenizer
-    gA, loss_a = gradient_and_loss(model, tok, da, n, batch_size, seed, split, show_progress)
-    gB, loss_b = gradient_and_loss(model, tok, db, n, batch_size, seed, split, show_progress)
+    from .hvp import only_requires_grad
+
+    names = params_in_layers(model, layers) if layers is not None else [n for n, _ in model.named_parameters()]
+    with only_requires_grad(model, names):
+        gA, loss_a = gradient_and_loss(model, tok, da, n, batch_size, seed, split, show_progress)
+        gB, loss_b = gradient_and_loss(model, tok, db, n, batch_size, seed, split, show_progress)
     res = module_cosines(gA, gB)
     res.domain_a, res.domain_b, res.model = da.name, db.name, str(loaded.path)
     res.n, res.batch_size, res.loss_a, res.loss_b = n, batch_size, loss_a, loss_b
-    res.meta = {"split": split, "seed": seed, "loss": "mean NLL of reference answer tokens (+eos)"}
+    res.meta = {"split": split, "seed": seed, "loss": "mean NLL of reference answer tokens (+eos)",
+                "layers": list(layers) if layers is not None else "all"}
     if run_dir is not None:
         RunDir(Path(run_dir)).write_result(conflict_result_name(da.name, db.name), res.to_json())
     return res

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,6 +150,27 @@ def load_model(
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return Loaded(model=model, tokenizer=tokenizer, path=path)
+
+
+_LAYER_PARAM_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def params_in_layers(model: torch.nn.Module, layers: Sequence[int]) -> list[str]:
+    """Names of the parameters of decoder layers `layers` (HF `...layers.<i>....` naming), refusing a
+    layer the model does not have."""
+    want = set(layers)
+    names, seen = [], set()
+    for name, _ in model.named_parameters():
+        m = _LAYER_PARAM_RE.search(name)
+        if m is not None:
+            seen.add(int(m.group(1)))
+            if int(m.group(1)) in want:
+                names.append(name)
+    missing = sorted(want - seen)
+    if missing:
+        raise CrossrouteError(f"--layers: the model has decoder layers 0-{max(seen, default=-1)}, not "
+                              f"{missing[0]}; pick layers it has.")
+    return names
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path,
