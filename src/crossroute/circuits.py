@@ -51,7 +51,7 @@ from .errors import CrossrouteError
 from .model import default_device, load_model
 from .progress import progress_bar
 from .routes import _O_RE, head_dim_of
-from .rundir import RunDir
+from .rundir import RunDir, result_name
 
 CURVE_EXACT = 64  # faithfulness is evaluated at every prefix size up to this, geometrically beyond
 
@@ -699,12 +699,8 @@ def run_circuits(
         out.vulnerable = sorted(vul, key=lambda v: -v["differential_vulnerability"])
     out.seconds = round(time.perf_counter() - t0, 3)
     if run_dir is not None:
-        RunDir(Path(run_dir)).write_result(f"circuits_{_safe(name)}", out.to_json())
+        RunDir(Path(run_dir)).write_result(result_name("circuits", name), out.to_json())
     return out
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
 
 
 # ----------------------------------------------------------------------------- render

@@ -39,7 +39,7 @@ from .gradients import Batch, domain_examples, make_batches, mean_proxy_loss
 from .hvp import grad_and_hvp
 from .model import Loaded, default_device, load_model, params_in_layers
 from .routes import active_sets, head_dim_of, measure_activity
-from .rundir import RunDir
+from .rundir import RunDir, result_name
 
 TOP_PERCENTS: tuple[float, ...] = (1.0, 2.0, 5.0, 10.0)
 _TAG = {"neuron": "mlp", "head": "head", "kv": "kv"}
@@ -577,7 +577,7 @@ def _domains(spec: Sequence[Domain | str] | Domain | str | None) -> list[Domain]
 
 
 def damage_result_name(domain: str) -> str:
-    return "damage_" + re.sub(r"[^A-Za-z0-9_.-]", "_", domain)
+    return result_name("damage", domain)
 
 
 def run_damage(

@@ -23,7 +23,7 @@ from .domains import Domain, Example, get_domain
 from .errors import CrossrouteError
 from .model import default_device, load_model, params_in_layers
 from .progress import progress_bar
-from .rundir import RunDir
+from .rundir import RunDir, result_name
 
 Batch = dict[str, torch.Tensor]
 MODULE_KINDS: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
@@ -334,8 +334,7 @@ def run_conflict(
 
 def conflict_result_name(a: str, b: str) -> str:
     """Result name (results/<name>.json) of a conflict run between domains a and b."""
-    safe = [re.sub(r"[^A-Za-z0-9_.-]", "_", x) for x in (a, b)]
-    return f"conflict_{safe[0]}_{safe[1]}"
+    return result_name("conflict", a, b)
 
 
 def _short(module: str | None) -> str:

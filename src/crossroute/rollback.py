@@ -46,7 +46,7 @@ from .evaluate import evaluate_domain
 from .gradients import domain_examples, make_batches
 from .hvp import grad_and_hvp
 from .model import default_device, load_model, save_model
-from .rundir import RunDir
+from .rundir import RunDir, result_name
 
 FRACTIONS: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 SELECTORS: tuple[str, ...] = ("conflict", "random", "magnitude")
@@ -318,7 +318,7 @@ def rollback_sweep(
 
 
 def rollback_result_name(domain: str) -> str:
-    return "rollback_" + re.sub(r"[^A-Za-z0-9_.-]", "_", domain)
+    return result_name("rollback", domain)
 
 
 def run_rollback(

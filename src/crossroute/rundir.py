@@ -6,6 +6,7 @@ Everything the report draws comes from these files; every write is atomic (temp 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,11 @@ class RunDir:
             return yaml.safe_load(self.config_path.read_text())
         except yaml.YAMLError as e:
             raise CrossrouteError(f"{self.config_path}: invalid YAML ({str(e).splitlines()[0]}).") from None
+
+
+def result_name(kind: str, *parts: str) -> str:
+    """A results/<name>.json name: `kind` then the parts (domain names, JSONL specs) made file-name safe."""
+    return "_".join([kind, *(re.sub(r"[^A-Za-z0-9_.-]", "_", p) for p in parts)])
 
 
 def open_run(path: str | Path, config: dict[str, Any], kind: str) -> RunDir:
