@@ -9,8 +9,8 @@ from .model import ASSETS
 from .presets import Preset, get_preset, require_device
 from .progress import console
 from .report import build_report
-from .rundir import RunDir, open_run
-from .train import TrainConfig, load_train_config, run_checkpoints, run_training
+from .rundir import RunDir
+from .train import TrainConfig, load_train_config, open_train_run, run_checkpoints, run_training
 
 DEMO_CONFIG = ASSETS / "demo_sequence.yaml"  # identical to configs/default_sequence.yaml (a test checks)
 CPIFT_CONFIG = ASSETS / "cpift_default.yaml"  # identical to configs/cpift_default.yaml (a test checks)
@@ -61,7 +61,7 @@ def _pretrain_base(preset: Preset, cfg: TrainConfig, out: Path) -> None:
 
     base = Path(out) / "checkpoints" / "base"
     cfg.model = str(base)
-    run = open_run(out, {**cfg.model_dump(), "model": str(base)}, kind="train")  # as run_training records it
+    run = open_train_run(cfg, out, base)  # the record run_training reopens
     if run.has_checkpoint("base"):
         console.print("[dim]pretrain: done, skipped[/dim]")
         return

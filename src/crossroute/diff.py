@@ -626,8 +626,7 @@ class _Streamer:
     def pieces(self, name: str) -> list[tuple[int, int]]:
         """Row ranges of about PIECE_ELEMS entries: the units of work spread over worker threads, so one
         large tensor (an embedding of 150 k rows) is diffed by many workers rather than one."""
-        shape = self.b.tensors[name].shape
-        return list(_blocks(shape, PIECE_ELEMS)) if shape else [(0, 1)]
+        return list(_blocks(self.b.tensors[name].shape, PIECE_ELEMS))  # a scalar is one piece (0, 1)
 
     def run_piece(self, name: str, r0: int, r1: int) -> _Partial:
         """Stream rows [r0, r1) of one tensor block by block; its share of the tensor's statistics."""

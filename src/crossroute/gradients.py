@@ -21,7 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .batching import collate, encode_pair
 from .domains import Domain, Example, get_domain
 from .errors import CrossrouteError
-from .model import default_device, load_model, params_in_layers
+from .model import load_model, params_in_layers
 from .progress import progress_bar
 from .rundir import RunDir, result_name
 
@@ -314,7 +314,7 @@ def run_conflict(
     per-module cosines of those layers, and a global cosine over them, at a fraction of the memory."""
     da = get_domain(domain_a) if isinstance(domain_a, str) else domain_a
     db = get_domain(domain_b) if isinstance(domain_b, str) else domain_b
-    loaded = load_model(model_path, dtype=torch.float32, device=default_device(device))
+    loaded = load_model(model_path, dtype=torch.float32, device=device)
     model, tok = loaded.model, loaded.tokenizer
     from .hvp import only_requires_grad
 

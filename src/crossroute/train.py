@@ -264,13 +264,18 @@ def _evaluate_checkpoint(run: RunDir, name: str, ckpt: Path, cfg: TrainConfig, d
     return res
 
 
+def open_train_run(cfg: TrainConfig, out: str | Path, base: Path) -> RunDir:
+    """Create or reopen the run directory of `cfg` starting from checkpoint `base` (main process first)."""
+    with _dist_state(cfg).main_process_first():  # one process creates the run directory, then the others open it
+        return open_run(out, {**cfg.model_dump(), "model": str(base)}, kind="train")
+
+
 def run_training(cfg: TrainConfig, out: str | Path) -> dict[str, Any]:
     """Run (or resume) the sequence and the refresh; returns the forgetting results written to results/."""
     base = check_checkpoint_dir(cfg.model)
     if cfg.judge is not None:
         check_endpoint(cfg.judge)  # a judge that is down fails here, not hours into training
-    with _dist_state(cfg).main_process_first():  # one process creates the run directory, then the others open it
-        run = open_run(out, {**cfg.model_dump(), "model": str(base)}, kind="train")
+    run = open_train_run(cfg, out, base)
     domains = [get_domain(d) for d in cfg.domains]
     by_name = {d.name: d for d in domains}
     names = stage_names(cfg)
