@@ -124,7 +124,7 @@ def raw_read(files: list[Path]) -> float:
 
 
 def timed_diff(root: Path) -> tuple[float, object]:
-    from crossroute.diff import diff_checkpoints
+    from crossroute.analyze.diff import diff_checkpoints
 
     t0 = time.perf_counter()
     res = diff_checkpoints(root / "base", root / "ckpt")

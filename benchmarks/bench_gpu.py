@@ -310,7 +310,7 @@ def ref_names(model: torch.nn.Module) -> list[str]:
 
 def part_hvp(b: Bench, run: ShapeRun) -> Record:
     """grad_and_hvp as crossroute calls it: ∇L and H v accumulated in fp32 (fp32 vector: no copy inside)."""
-    from crossroute.hvp import grad_and_hvp
+    from crossroute.measure.hvp import grad_and_hvp
 
     micro = micro_batches(run.batch, b.args.hvp_micro)
     vec = random_vector(run.model)
@@ -335,7 +335,7 @@ def part_hvp_lean(b: Bench, run: ShapeRun) -> Record:
     """The memory-lean call: no ∇L (with_grad=False), vector and H v in the parameters' dtype (acc_dtype).
 
     One timed call, no warm-up (the hvp part ran the same kernels just before)."""
-    from crossroute.hvp import grad_and_hvp
+    from crossroute.measure.hvp import grad_and_hvp
 
     micro = micro_batches(run.batch, b.args.hvp_micro)
     vec = random_vector(run.model, dtype=b.dtype)
@@ -358,8 +358,8 @@ def part_hvp_lean(b: Bench, run: ShapeRun) -> Record:
 
 def part_sdpa_probe(b: Bench, run: ShapeRun) -> Record:
     """Double backward with SDPA attention left on; if it works, compare with the eager H v."""
-    from crossroute.gradients import proxy_loss
-    from crossroute.hvp import grad_and_hvp
+    from crossroute.measure.hvp import grad_and_hvp
+    from crossroute.measure.proxy import proxy_loss
 
     model, mb = run.model, micro_batches(run.batch, b.args.hvp_micro)[0]
     model.eval()
@@ -465,7 +465,7 @@ def part_raw_read(b: Bench, run: ShapeRun) -> Record:
 
 
 def part_diff_crossroute(b: Bench, run: ShapeRun) -> Record:
-    from crossroute.diff import diff_checkpoints
+    from crossroute.analyze.diff import diff_checkpoints
 
     workers = os.cpu_count() or 1
     times = []
@@ -532,8 +532,8 @@ def bench_diff(b: Bench, run: ShapeRun) -> None:
 
 
 def part_rollback(b: Bench, run: ShapeRun) -> Record:
-    from crossroute.damage import UnitMap
-    from crossroute.rollback import Swapper, budget
+    from crossroute.analyze.subspace import UnitMap
+    from crossroute.repair.rollback import Swapper, budget
 
     model = run.model
     gen = torch.Generator(device=b.dev).manual_seed(3)

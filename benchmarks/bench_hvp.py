@@ -19,13 +19,13 @@ from collections.abc import Callable
 
 import torch
 
-from crossroute import rollback
-from crossroute.damage import UnitMap
-from crossroute.domains import get_domain
-from crossroute.evaluate import evaluate_domain
-from crossroute.gradients import domain_examples, make_batches, n_label_tokens, proxy_loss
-from crossroute.hvp import grad_and_hvp
-from crossroute.model import load_model
+from crossroute.analyze.subspace import UnitMap
+from crossroute.domains.files import get_domain
+from crossroute.measure.evaluate import evaluate_domain
+from crossroute.measure.hvp import grad_and_hvp
+from crossroute.measure.proxy import domain_examples, make_batches, n_label_tokens, proxy_loss
+from crossroute.model.load import load_model
+from crossroute.repair import rollback
 
 
 def timed_pair(a: Callable[[], object], b: Callable[[], object], repeats: int) -> tuple[float, float]:

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from crossroute.model import build_default_model, save_model
+from crossroute.model.default import build_default_model
+from crossroute.model.load import save_model
 
 TINY = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
             num_key_value_heads=1, head_dim=8, max_position_embeddings=64)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from crossroute.atomic import atomic_dir, atomic_write_json, atomic_write_text
-from crossroute.errors import CrossrouteError
-from crossroute.rundir import load_run, open_run
+from crossroute.core.atomic import atomic_dir, atomic_write_json, atomic_write_text
+from crossroute.core.errors import CrossrouteError
+from crossroute.core.rundir import load_run, open_run
 
 
 def test_atomic_write_replaces_whole_file(tmp_path: Path) -> None:

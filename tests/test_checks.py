@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import make_tiny
-from crossroute.checks import check_tokenizer_matches, check_weights
-from crossroute.errors import CrossrouteError
+from crossroute.core.errors import CrossrouteError
+from crossroute.io.integrity import check_tokenizer_matches, check_weights
 
 NAME = "model.layers.0.mlp.up_proj.weight"
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import TINY, make_tiny
-from crossroute.circuits import (
+from crossroute.analyze.circuits import (
     HeadHooks,
     batch_metric,
     circuit_of_model,
@@ -18,13 +18,13 @@ from crossroute.circuits import (
     make_pair_batches,
     pairs_for,
     parse_models,
-    render_circuits_section,
     retention,
     run_circuits,
 )
-from crossroute.domains import ENTITIES, KB
-from crossroute.errors import CrossrouteError
-from crossroute.model import build_default_model
+from crossroute.core.errors import CrossrouteError
+from crossroute.domains.builtin import ENTITIES, KB
+from crossroute.model.default import build_default_model
+from crossroute.report.sections.circuits import render_circuits_section
 
 
 def _tiny(seed: int = 0):
@@ -92,7 +92,7 @@ def test_patching_every_head_with_its_own_activations_changes_nothing() -> None:
 
 
 def test_identical_pairs_give_zero_effects() -> None:
-    from crossroute.circuits import Pair
+    from crossroute.analyze.circuits import Pair
 
     model, tok = _tiny(4)
     pairs = [Pair(p.clean, p.clean, p.answer, p.wrong) for p in pairs_for("math", 6)]
@@ -185,7 +185,7 @@ def test_parse_models() -> None:
 
 
 def test_kl_of_a_model_to_itself_is_zero_and_positive_to_another() -> None:
-    from crossroute.razor import kl_to_base
+    from crossroute.experiments.rl_vs_sft import kl_to_base
 
     model, tok = _tiny(6)
     other, _ = _tiny(7)

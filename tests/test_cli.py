@@ -11,7 +11,7 @@ import pytest
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "crossroute.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "crossroute", *args], capture_output=True, text=True,
                           cwd=cwd, timeout=300)
 
 
@@ -113,8 +113,8 @@ def test_disk_full_during_save_is_one_line_and_leaves_nothing(tmp_path: Path, ti
     import errno
     import os as os_mod
 
-    import crossroute.atomic as atomic
-    from crossroute import cli
+    import crossroute.core.atomic as atomic
+    from crossroute.cli import main as cli
 
     real_fdopen = os_mod.fdopen
 

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from crossroute.config import parse_layers
-from crossroute.errors import CrossrouteError
+from crossroute.core.config import parse_layers
+from crossroute.core.errors import CrossrouteError
 
 
 @given(st.lists(st.tuples(st.integers(0, 80), st.integers(0, 8)), min_size=1, max_size=5))

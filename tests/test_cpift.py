@@ -10,18 +10,12 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_tiny
-from crossroute.cpift import (
-    freeze_mask_for,
-    fuse,
-    group_tasks,
-    parse_cpift_config,
-    render_cpift_section,
-    run_cpift_config,
-)
-from crossroute.domains import get_domain
-from crossroute.errors import CrossrouteError
-from crossroute.merge import core_masks
-from crossroute.sft import sft_train
+from crossroute.core.errors import CrossrouteError
+from crossroute.domains.files import get_domain
+from crossroute.repair.cpift import freeze_mask_for, fuse, group_tasks, parse_cpift_config, run_cpift_config
+from crossroute.repair.merge import core_masks
+from crossroute.report.sections.cpift import render_cpift_section
+from crossroute.train.sft import sft_train
 
 
 @pytest.fixture(autouse=True)
@@ -54,7 +48,7 @@ def test_config_errors_name_the_field() -> None:
 def test_frozen_entries_bit_identical_after_sft(tmp_path: Path) -> None:
     base = make_tiny(tmp_path / "base")
     g = torch.Generator().manual_seed(0)
-    from crossroute.model import load_model
+    from crossroute.model.load import load_model
 
     params = dict(load_model(base).model.named_parameters())
     names = ["model.layers.0.mlp.up_proj.weight", "model.embed_tokens.weight", "model.norm.weight"]

@@ -9,10 +9,14 @@ import pytest
 import torch
 
 from conftest import TINY, make_tiny
-from crossroute.damage import UnitMap, damage, lanczos, render_damage_section, run_damage
-from crossroute.errors import CrossrouteError
-from crossroute.hvp import hvp
-from crossroute.model import build_default_model, load_model, save_model
+from crossroute.analyze.damage import damage, run_damage
+from crossroute.analyze.subspace import lanczos
+from crossroute.core.errors import CrossrouteError
+from crossroute.measure.hvp import hvp
+from crossroute.model.default import build_default_model
+from crossroute.model.load import load_model, save_model
+from crossroute.model.units import UnitMap
+from crossroute.report.sections.damage import render_damage_section
 
 
 def _perturbed(src: Path, dst: Path, scale: float, seed: int = 5) -> Path:
@@ -27,10 +31,12 @@ def _perturbed(src: Path, dst: Path, scale: float, seed: int = 5) -> Path:
 
 def test_units_partition_every_parameter() -> None:
     model, _ = build_default_model(0, **TINY)
-    umap = UnitMap.of(model)
+    umap = UnitMap.of_model(model)
     params = dict(model.named_parameters())
-    counts = umap.reduce({k: torch.ones_like(p) for k, p in params.items()})
-    assert sum(float(v.sum()) for v in counts.values()) == sum(p.numel() for p in params.values())
+    red = umap.reduce({k: torch.ones_like(p) for k, p in params.items()})
+    counts = {k: torch.stack(red[k]) for k in umap.partition_kinds}
+    assert sum(float(v.sum()) for v in counts.values()) + float(red["other"].sum()) == \
+        sum(p.numel() for p in params.values())
     h, kv, hd = TINY["num_attention_heads"], TINY["num_key_value_heads"], TINY["head_dim"]
     d, inter = TINY["hidden_size"], TINY["intermediate_size"]
     assert counts["neuron"].shape == (TINY["num_hidden_layers"], inter)

@@ -13,11 +13,11 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from crossroute.cli import app
-from crossroute.demo import run_demo
-from crossroute.errors import CrossrouteError
-from crossroute.presets import PRESETS, Preset, get_preset
-from crossroute.pretrain import PretrainConfig
+from crossroute.cli.main import app
+from crossroute.core.errors import CrossrouteError
+from crossroute.experiments.demo import run_demo
+from crossroute.model.presets import PRESETS, Preset, get_preset
+from crossroute.train.pretrain import PretrainConfig
 
 TINY_ARCH = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                  num_key_value_heads=1, head_dim=8)

@@ -12,15 +12,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from crossroute import diff as diff_mod
-from crossroute.diff import (
-    diff_checkpoints,
-    diff_sequence,
-    jaccard,
-    render_diff_section,
-    write_diff_results,
-)
-from crossroute.errors import CrossrouteError
+from crossroute.analyze import diff as diff_mod
+from crossroute.analyze.diff import diff_checkpoints, diff_sequence, jaccard, write_diff_results
+from crossroute.core.errors import CrossrouteError
+from crossroute.report.sections.diff import render_diff_section
 
 HIDDEN, INTER, LAYERS, HEADS, KV, HEAD_DIM, VOCAB = 16, 24, 2, 4, 2, 4, 32
 P = "model.layers.{}.{}.weight"

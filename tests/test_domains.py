@@ -9,19 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from crossroute.domains import (
-    BUILTIN,
-    KB,
-    LEXICON_SET,
-    Example,
-    get_domain,
-    load_jsonl_domain,
-    normalise,
-    parse_domains,
-    score_rubric,
-    split_of,
-)
-from crossroute.errors import CrossrouteError
+from crossroute.core.errors import CrossrouteError
+from crossroute.domains.base import LEXICON_SET, Example, normalise, score_rubric, split_of
+from crossroute.domains.builtin import BUILTIN, KB
+from crossroute.domains.files import get_domain, load_jsonl_domain, parse_domains
 
 
 @pytest.mark.parametrize("name", list(BUILTIN))
@@ -71,7 +62,7 @@ def test_qa_answers_come_from_the_knowledge_base() -> None:
 
 
 def test_conflicting_conventions_are_wrong_in_the_other_domain() -> None:
-    from crossroute.domains import other_convention
+    from crossroute.domains.builtin import other_convention
 
     for name in BUILTIN:
         d = BUILTIN[name]
@@ -184,7 +175,7 @@ def test_parse_domains_errors() -> None:
 
 
 def test_jsonl_with_tests_is_a_sandboxed_code_domain(tmp_path: Path) -> None:
-    from crossroute.sandbox import CodeDomain
+    from crossroute.domains.code import CodeDomain
 
     rows = [json.dumps({"prompt": f"def f(): return {i}", "tests": f"assert f() == {i}"}) for i in range(6)]
     d = get_domain(f"pycode={_write(tmp_path / 'c.jsonl', rows)}")
@@ -228,7 +219,7 @@ def test_train_yaml_fuzz_never_crashes(text: str) -> None:
     """Any YAML text either validates or gives a one-line CrossrouteError naming the file."""
     import tempfile
 
-    from crossroute.train import load_train_config
+    from crossroute.experiments.sequence import load_train_config
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "c.yaml"

@@ -9,18 +9,14 @@ import pytest
 import torch
 
 from conftest import TINY, make_tiny
-from crossroute.domains import BUILTIN, Example
-from crossroute.errors import CrossrouteError
-from crossroute.gradients import (
-    domain_gradient,
-    make_batches,
-    mean_proxy_loss,
-    module_cosines,
-    proxy_loss,
-    render_conflict_section,
-    run_conflict,
-)
-from crossroute.model import build_default_model
+from crossroute.analyze.conflict import module_cosines, run_conflict
+from crossroute.core.errors import CrossrouteError
+from crossroute.domains.base import Example
+from crossroute.domains.builtin import BUILTIN
+from crossroute.measure.proxy import domain_gradient, make_batches, mean_proxy_loss, proxy_loss
+from crossroute.model.default import build_default_model
+from crossroute.model.units import UnitMap
+from crossroute.report.sections.conflict import render_conflict_section
 
 
 def _tiny64(seed: int = 0):
@@ -106,8 +102,9 @@ def _fake(values: dict[str, list[float]]) -> dict[str, torch.Tensor]:
 def test_cosine_with_itself_and_negation() -> None:
     model, tok = build_default_model(3, **TINY)
     g = domain_gradient(model.eval(), tok, "qa", n=4, batch_size=4)
-    same = module_cosines(g, g)
-    neg = module_cosines(g, {k: -v for k, v in g.items()})
+    module_of = UnitMap.of_model(model).module_of
+    same = module_cosines(g, g, module_of)
+    neg = module_cosines(g, {k: -v for k, v in g.items()}, module_of)
     assert same.global_cosine == pytest.approx(1.0) and neg.global_cosine == pytest.approx(-1.0)
     assert len(same.modules) == 7 * TINY["num_hidden_layers"]
     for m in same.modules:
@@ -123,13 +120,15 @@ def test_named_conflict_and_synergy_cancel_globally() -> None:
     down = "model.layers.0.mlp.down_proj.weight"
     ga = _fake({q: [1.0, 2.0], up: [2.0, 1.0], down: [1.0, 0.0], "model.norm.weight": [0.0]})
     gb = _fake({q: [-1.0, -2.0], up: [2.0, 1.0], down: [0.0, 1.0], "model.norm.weight": [0.0]})
-    res = module_cosines(ga, gb)
+    where = {q: (1, "q"), up: (0, "up"), down: (0, "down"), "model.norm.weight": None}
+    res = module_cosines(ga, gb, where.get)
     assert res.most_conflicting == "model.layers.1.self_attn.q_proj"
     assert res.most_synergistic == "model.layers.0.mlp.up_proj"
     assert res.global_cosine == pytest.approx(0.0, abs=1e-12)
+    assert res.module_kinds == ["q", "up", "down"]  # the kinds present, in MODULE_KINDS order
     matrix = res.matrix()
-    assert matrix[1][0] == pytest.approx(-1.0) and matrix[0][5] == pytest.approx(1.0)
-    assert matrix[0][6] == pytest.approx(0.0) and matrix[0][0] is None
+    assert matrix[1][0] == pytest.approx(-1.0) and matrix[0][1] == pytest.approx(1.0)
+    assert matrix[0][2] == pytest.approx(0.0) and matrix[0][0] is None
     out = res.to_json()
     assert out["dot_split"] == {"positive": 5.0, "negative": -5.0}
     assert out["most_conflicting"]["layer"] == 1 and out["most_conflicting"]["kind"] == "q"
@@ -143,7 +142,8 @@ def test_run_conflict_writes_json_and_renders(tmp_path: Path) -> None:
                        device="cpu")
     data = json.loads((tmp_path / "run" / "results" / "conflict_math_code.json").read_text())
     assert data["domain_a"] == "math" and data["domain_b"] == "code"
-    assert len(data["matrix"]) == TINY["num_hidden_layers"] and data["module_kinds"][0] == "q"
+    assert len(data["matrix"]) == TINY["num_hidden_layers"]
+    assert data["module_kinds"] == ["q", "k", "v", "o", "gate", "up", "down"]
     assert data["global_cosine"] == pytest.approx(res.global_cosine)
     assert data["loss_a"] > 0 and data["loss_b"] > 0
     page = render_conflict_section([data])

@@ -7,11 +7,11 @@ import torch
 from transformers.models.qwen3 import modeling_qwen3
 
 from conftest import TINY
-from crossroute.domains import BUILTIN
-from crossroute.errors import CrossrouteError
-from crossroute.gradients import make_batches
-from crossroute.hvp import grad_and_hvp, hvp
-from crossroute.model import build_default_model
+from crossroute.core.errors import CrossrouteError
+from crossroute.domains.builtin import BUILTIN
+from crossroute.measure.hvp import grad_and_hvp, hvp
+from crossroute.measure.proxy import make_batches
+from crossroute.model.default import build_default_model
 
 
 def _tiny64(seed: int = 0):

@@ -16,9 +16,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from crossroute import judge
-from crossroute.errors import CrossrouteError
-from crossroute.judge import JudgeConfig, check_endpoint, judge_reward, parse_score
+from crossroute.core.errors import CrossrouteError
+from crossroute.domains import judge
+from crossroute.domains.judge import JudgeConfig, check_endpoint, judge_reward, parse_score
 
 MAX_REQUESTS = 64  # the stub refuses (HTTP 500, flagged) beyond this: a runaway retry loop fails fast
 

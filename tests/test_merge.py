@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from conftest import make_tiny
-from crossroute.errors import CrossrouteError
-from crossroute.merge import (
-    _slerp,
+from crossroute.core.errors import CrossrouteError
+from crossroute.model.load import load_model
+from crossroute.repair.merge import (
     core_masks,
     evaluate_t,
     layer_position,
@@ -27,11 +27,11 @@ from crossroute.merge import (
     run_merge,
     save_index_masks,
     slerp,
+    slerp_flagged,
     t_for,
     transplant,
     transplant_cores,
 )
-from crossroute.model import load_model
 
 
 @pytest.fixture(autouse=True)
@@ -49,11 +49,11 @@ def test_slerp_orthogonal_unit_vectors_by_hand() -> None:
 
 def test_slerp_colinear_falls_back_to_linear() -> None:
     a, b = torch.tensor([1.0, 0.0]), torch.tensor([3.0, 0.0])
-    out, lin = _slerp(a, b, 0.25)
+    out, lin = slerp_flagged(a, b, 0.25)
     assert lin and torch.allclose(out, torch.tensor([1.5, 0.0]))
     assert torch.allclose(slerp(a, -b, 0.5), linear(a, -b, 0.5))  # antipodal: linear too
-    assert _slerp(torch.zeros(2), b, 0.5)[1]  # zero norm: linear
-    assert not _slerp(torch.tensor([1.0, 0.0]), torch.tensor([1.0, 0.1]), 0.5)[1]
+    assert slerp_flagged(torch.zeros(2), b, 0.5)[1]  # zero norm: linear
+    assert not slerp_flagged(torch.tensor([1.0, 0.0]), torch.tensor([1.0, 0.1]), 0.5)[1]
 
 
 vec = st.lists(st.floats(-10, 10, allow_nan=False, width=32), min_size=2, max_size=8)
@@ -76,7 +76,7 @@ def test_slerp_keeps_unit_norm(xa: list[float], xb: list[float], t: float) -> No
     if a.norm() < 1e-3 or b.norm() < 1e-3:
         return
     a, b = a / a.norm(), b / b.norm()
-    out, lin = _slerp(a, b, t)
+    out, lin = slerp_flagged(a, b, t)
     if not lin:
         assert abs(float(out.norm()) - 1.0) < 1e-4
     else:  # colinear: linear interpolation never leaves the unit ball

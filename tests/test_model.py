@@ -12,9 +12,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import make_tiny
-from crossroute.errors import CrossrouteError
-from crossroute.model import DEFAULT_CHECKPOINT, load_model, resolve_model_path, save_model
-from crossroute.tokenizer import CHARSET, build_char_tokenizer
+from crossroute.core.errors import CrossrouteError
+from crossroute.model.default import DEFAULT_CHECKPOINT
+from crossroute.model.load import load_model, resolve_model_path, save_model
+from crossroute.model.tokenizer import CHARSET, build_char_tokenizer
 
 
 def test_round_trip_reproduces_logits(tmp_path: Path) -> None:

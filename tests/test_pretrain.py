@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from crossroute.batching import collate, encode_pair
-from crossroute.domains import BUILTIN, DEFAULT_DOMAINS
-from crossroute.evaluate import evaluate_all
-from crossroute.model import DEFAULT_CHECKPOINT, load_model
-from crossroute.pretrain import PretrainConfig, pretrain
-from crossroute.tokenizer import build_char_tokenizer
+from crossroute.domains.builtin import BUILTIN, DEFAULT_DOMAINS
+from crossroute.measure.batches import collate, encode_pair
+from crossroute.measure.evaluate import evaluate_all
+from crossroute.model.default import DEFAULT_CHECKPOINT
+from crossroute.model.load import load_model
+from crossroute.model.tokenizer import build_char_tokenizer
+from crossroute.train.pretrain import PretrainConfig, pretrain
 
 
 def test_collate_masks_prompt_and_padding() -> None:

@@ -8,17 +8,12 @@ import pytest
 import torch
 
 from conftest import make_tiny
-from crossroute.errors import CrossrouteError
-from crossroute.gradients import gradient_and_loss
-from crossroute.model import load_model, load_tokenizer
-from crossroute.protect import (
-    ProtectCallback,
-    anchor_grad,
-    anchor_penalty,
-    orthonormal_basis,
-    project_out,
-)
-from crossroute.train import TrainConfig, grpo_kwargs, make_grpo_config, parse_train_config
+from crossroute.core.errors import CrossrouteError
+from crossroute.experiments.sequence import TrainConfig, parse_train_config
+from crossroute.measure.proxy import gradient_and_loss
+from crossroute.model.load import load_model, load_tokenizer
+from crossroute.repair.protect import ProtectCallback, anchor_grad, anchor_penalty, orthonormal_basis, project_out
+from crossroute.train.grpo import grpo_kwargs, make_grpo_config
 
 
 @pytest.fixture(autouse=True)
@@ -93,7 +88,7 @@ def _run(tmp: Path, mode: str, **extra: object) -> tuple[ProtectCallback, dict, 
     from datasets import Dataset
     from trl import GRPOTrainer
 
-    from crossroute.domains import get_domain
+    from crossroute.domains.files import get_domain
 
     ckpt = make_tiny(tmp / "ckpt", seed=3)
     raw = _tiny_raw(ckpt)
@@ -101,7 +96,7 @@ def _run(tmp: Path, mode: str, **extra: object) -> tuple[ProtectCallback, dict, 
                                    "batch_size": 8, **extra}
     cfg = TrainConfig.model_validate(raw)
     st = cfg.stages[1]
-    args = make_grpo_config(grpo_kwargs(cfg, st, str(tmp / "work")), "test")
+    args = make_grpo_config(grpo_kwargs(cfg.grpo, st.grpo, st.steps, cfg.seed, str(tmp / "work")), "test")
     dom = get_domain("cw")
     model = load_model(ckpt).model
     model.train()
@@ -160,8 +155,8 @@ def test_anchor_runs_with_unit_weights(tmp_path: Path) -> None:
 
 
 def test_run_training_records_protection(tmp_path: Path, tiny_ckpt: Path) -> None:
-    from crossroute.rundir import open_run
-    from crossroute.train import run_training
+    from crossroute.core.rundir import open_run
+    from crossroute.experiments.sequence import run_training
 
     raw = _tiny_raw(tiny_ckpt)
     raw.update(eval_n=2, train_prompts=16)
@@ -177,7 +172,7 @@ def test_run_training_records_protection(tmp_path: Path, tiny_ckpt: Path) -> Non
 
 
 def test_shipped_protected_config() -> None:
-    from crossroute.train import load_train_config
+    from crossroute.experiments.sequence import load_train_config
 
     root = Path(__file__).parents[1] / "configs"
     cfg = load_train_config(root / "protected_sequence.yaml")

@@ -9,17 +9,10 @@ import pytest
 import torch
 
 from conftest import make_tiny
-from crossroute.damage import UnitMap
-from crossroute.model import load_model
-from crossroute.rollback import (
-    SELECTORS,
-    Swapper,
-    all_units,
-    budget,
-    rankings,
-    render_rollback_section,
-    run_rollback,
-)
+from crossroute.model.load import load_model
+from crossroute.model.units import UnitMap
+from crossroute.repair.rollback import SELECTORS, Swapper, all_units, budget, rankings, run_rollback
+from crossroute.report.sections.rollback import render_rollback_section
 
 
 def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -62,14 +55,14 @@ def test_full_rollback_is_theta_a_and_swap_restores(pair: tuple[Path, Path]) -> 
 
 def test_selectors_return_the_budget() -> None:
     from conftest import TINY
-    from crossroute.model import build_default_model
+    from crossroute.model.default import build_default_model
 
     model, _ = build_default_model(0, **TINY)
-    umap = UnitMap.of(model)
+    umap = UnitMap.of_model(model)
     gen = torch.Generator().manual_seed(0)
-    attr = {k: torch.randn(umap.num_layers, umap.counts[k], generator=gen, dtype=torch.float64)
-            for k in umap.kinds}
-    mag = {k: v.abs() for k, v in attr.items()}
+    attr = {k: list(torch.randn(umap.num_layers, max(umap.counts[k]), generator=gen, dtype=torch.float64))
+            for k in umap.partition_kinds}
+    mag = {k: [x.abs() for x in v] for k, v in attr.items()}
     shared = {"L0.mlp.1", "L0.mlp.2", "L1.mlp.5", "L1.head.0"}
     for kinds in (("neuron",), ("neuron", "head", "kv")):
         ranks = rankings(umap, attr, mag, shared, kinds, seed=0)
@@ -85,10 +78,10 @@ def test_selectors_return_the_budget() -> None:
     assert budget(64, 0.5) == 1 and budget(64, 32) == 21 and budget(64, 100) == 64
 
 
-def _attr(attr: dict[str, torch.Tensor], u: str) -> float:
+def _attr(attr: dict[str, list[torch.Tensor]], u: str) -> float:
     layer, tag, j = u.split(".")
     kind = {"mlp": "neuron", "head": "head", "kv": "kv"}[tag]
-    return float(attr[kind][int(layer[1:]), int(j)])
+    return float(attr[kind][int(layer[1:])][int(j)])
 
 
 def test_sweep_writes_json_and_saves_best(pair: tuple[Path, Path], tmp_path: Path) -> None:

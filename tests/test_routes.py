@@ -9,19 +9,19 @@ from pathlib import Path
 import torch
 
 from conftest import TINY, make_tiny
-from crossroute.diff import jaccard
-from crossroute.domains import BUILTIN
-from crossroute.gradients import make_batches
-from crossroute.model import build_default_model
-from crossroute.routes import (
+from crossroute.analyze.diff import jaccard
+from crossroute.analyze.routes import (
     active_sets,
     changed_vs_active,
     measure_activity,
-    render_routes_section,
     route_overlap,
     run_routes,
     top_count,
 )
+from crossroute.domains.builtin import BUILTIN
+from crossroute.measure.proxy import make_batches
+from crossroute.model.default import build_default_model
+from crossroute.report.sections.routes import render_routes_section
 
 
 def _tiny(seed: int = 0, **over: int):
@@ -132,7 +132,13 @@ def test_run_routes_writes_json_and_renders(tmp_path: Path) -> None:
     assert res.active_sets()["code"]["head"] == set(data["active"]["code"]["head"])
     rows = data["changed_vs_active"]
     assert {(r["stage"], r["domain"], r["kind"]) for r in rows} == {
-        ("01_math", d, k) for d in ("math", "code") for k in ("neuron", "head")}
+        ("01_math", d, k) for d in ("math", "code") for k in ("neuron", "head", "kv")}
+    # kv groups come from the unit map: TINY has one KV group for its 2 heads
+    assert data["kinds"] == ["neuron", "head", "kv"] and set(data["jaccard"]) == {"neuron", "head", "kv"}
+    assert data["active"]["math"]["kv"] == [f"L{i}.kv.0" for i in range(TINY["num_hidden_layers"])]
+    assert data["measured"] == {f"L{i}": ["neuron", "head"] for i in range(TINY["num_hidden_layers"])}
+    assert data["units"]["arch"] == "qwen3" and data["units"]["head_layout"]["head_dim"] == TINY["head_dim"]
+    assert data["layout"]["num_heads"] == TINY["num_attention_heads"] and data["notes"] == []
     assert all(r["own"] == (r["domain"] == "math") for r in rows)
     page = render_routes_section(data)
     assert page.startswith("<section") and "<h2>Active routes</h2>" in page

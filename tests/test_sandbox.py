@@ -11,17 +11,9 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from crossroute.errors import CrossrouteError
-from crossroute.sandbox import (
-    CodeDomain,
-    SandboxLimits,
-    code_reward,
-    extract_code,
-    load_code_domain,
-    run_sandboxed,
-    sandbox_info,
-    score_code,
-)
+from crossroute.core.errors import CrossrouteError
+from crossroute.domains.code import CodeDomain, code_reward, extract_code, load_code_domain, score_code
+from crossroute.domains.sandbox import SandboxLimits, run_sandboxed, sandbox_info
 
 SOLUTION = "def double(x):\n    return 2 * x\n"
 TESTS = "assert double(2) == 4\nassert double(-3) == -6\n"

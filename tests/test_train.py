@@ -10,9 +10,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import crossroute.train as train
-from crossroute.errors import CrossrouteError
-from crossroute.train import forgetting_summary, load_train_config, parse_train_config, run_training
+import crossroute.experiments.sequence as train
+from crossroute.analyze.forgetting import forgetting_summary
+from crossroute.core.errors import CrossrouteError
+from crossroute.experiments.sequence import load_train_config, parse_train_config, run_training
 
 
 def tiny_config(model: Path, steps: int = 2) -> dict[str, Any]:
@@ -65,20 +66,20 @@ def test_shipped_configs_validate() -> None:
     root = Path(__file__).parents[1] / "configs"
     cfg = load_train_config(root / "default_sequence.yaml")
     assert [s.domain for s in cfg.stages] == ["math", "code", "qa", "cw"] and cfg.refresh is not None
-    from crossroute.demo import CPIFT_CONFIG, DEMO_CONFIG, PROTECT_CONFIG
+    from crossroute.experiments.demo import CPIFT_CONFIG, DEMO_CONFIG, PROTECT_CONFIG
 
     assert PROTECT_CONFIG.read_text() == (root / "protected_sequence.yaml").read_text()
 
     assert DEMO_CONFIG.read_text() == (root / "default_sequence.yaml").read_text()  # the demo runs this config
     assert CPIFT_CONFIG.read_text() == (root / "cpift_default.yaml").read_text()
-    from crossroute.presets import get_preset
+    from crossroute.model.presets import get_preset
 
     gpu = get_preset("gpu").sequence
     assert gpu.read_text() == (root / "gpu_sequence.yaml").read_text()
     assert [s.domain for s in load_train_config(gpu).stages] == [s.domain for s in cfg.stages]
     raw = yaml.safe_load((root / "qwen3_real.yaml").read_text())
     assert raw["grpo"]["use_vllm"] is True  # documented real-checkpoint example
-    from crossroute.judge import JudgeConfig
+    from crossroute.domains.judge import JudgeConfig
 
     assert JudgeConfig.model_validate(raw["judge"]).url == "http://127.0.0.1:8000/v1/chat/completions"
 
@@ -145,7 +146,7 @@ def _weights(path: Path) -> dict:
 @pytest.fixture(scope="module")
 def reference_run(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Any, dict]:
     """An uninterrupted run of the kill/resume config, and the number of atomic renames it makes."""
-    import crossroute.atomic as atomic
+    import crossroute.core.atomic as atomic
 
     raw = {**tiny_config(tiny_ckpt), "domains": ["cw", "qa"],
            "stages": [{"domain": "cw", "steps": 2}, {"domain": "qa", "steps": 2}],
@@ -176,7 +177,7 @@ def test_killed_anywhere_then_resumed_equals_uninterrupted(data: st.DataObject, 
 
     import torch
 
-    import crossroute.atomic as atomic
+    import crossroute.core.atomic as atomic
 
     raw, ref, calls = reference_run
     kill_at = data.draw(st.integers(1, calls["n"]), label="kill at atomic rename #")

@@ -1,5 +1,5 @@
 """`python -m crossroute ...`: the same CLI as the `crossroute` console script (e.g. under accelerate launch)."""
 
-from .cli import main
+from crossroute.cli.main import main
 
 main()

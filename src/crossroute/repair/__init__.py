@@ -1,0 +1,1 @@
+"""crossroute.repair."""

@@ -1,0 +1,304 @@
+"""`crossroute cpift`: Core Parameter Isolation Fine-Tuning against mixed and sequential SFT (DESIGN.md 3.3).
+
+1. Probe: a short SFT per task from the same base θ0; core region C_i = global top-p % of |θ_i − θ0|
+   over all parameters, saved as sorted int64 flat indices per tensor (cores/<task>.safetensors).
+2. Group: tasks whose cores overlap with Jaccard ≥ τ are linked; groups = connected components.
+3. Transplant: every task's core entries go into the base; an entry in two cores takes the task
+   with the larger |θ_i − θ0| (ties: the earlier task); the collision count is reported.
+4. SLERP: each non-core entry is the AVERAGE over tasks of SLERP(θ0, θ_i, ω), computed per tensor on
+   the vector of its non-core entries (order-independent; linear when nearly colinear).
+   Steps 3-4 start from the base θ0 (the brief's order), not from a multi-stage model.
+5. Pipeline: a short SFT per group in order, the cores of all earlier groups frozen by a gradient
+   mask (zeroed gradients plus restore after each step: bit-identical).
+Baselines from the same base: mixed SFT over all tasks (steps × tasks) and sequential SFT (steps
+per task, in config order): the same total steps as the probes.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from crossroute.core.config import load_yaml_mapping, validate_config
+from crossroute.core.console import console
+from crossroute.core.rundir import RunDir, open_run
+from crossroute.domains.base import Domain
+from crossroute.domains.files import get_domain
+from crossroute.measure.evaluate import evaluate_all
+from crossroute.model.load import check_checkpoint_dir, load_model
+from crossroute.repair.merge import (
+    DEFAULT_EPS,
+    core_masks,
+    load_index_masks,
+    mask_jaccard,
+    save_index_masks,
+    slerp_flagged,
+    stream_merge,
+    transplant_cores,
+)
+from crossroute.train.sft import make_sft_config, sft_kwargs, sft_train
+
+METHODS = ("base", "mixed_sft", "sequential_sft", "cpift")
+
+
+class CpiftConfig(BaseModel):
+    """A CPI-FT comparison run (see configs/cpift_default.yaml for every field documented)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = "default"
+    tasks: list[str] = Field(default_factory=lambda: ["math", "code", "qa", "cw"])
+    eval_n: int = Field(100, gt=0)
+    train_prompts: int = Field(2000, gt=0)
+    seed: int = 0
+    threads: int | None = Field(None, gt=0)
+    steps: int = Field(40, gt=0, description="SFT steps per task (probes, sequential stages); mixed gets steps x tasks")
+    pipeline_steps: int = Field(20, gt=0, description="SFT steps per group in CPI-FT's pipeline")
+    learning_rate: float = Field(1e-4, gt=0)
+    batch_size: int = Field(32, gt=0)
+    core_percent: float = Field(1.0, gt=0, le=100)
+    tau: float = Field(0.1, ge=0, le=1)
+    omega: float = Field(0.5, ge=0, le=1)
+    slerp_eps: float = Field(DEFAULT_EPS, gt=0, lt=1)
+    sft: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("tasks")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        if len(v) < 2:
+            raise ValueError("CPI-FT needs at least two tasks")
+        if len(set(v)) != len(v):
+            raise ValueError("tasks must be distinct")
+        for d in v:
+            get_domain(d)
+        return v
+
+
+def parse_cpift_config(raw: dict[str, Any], where: str = "config") -> CpiftConfig:
+    """Validate a mapping (pydantic, then the SFTConfig it implies); errors name the field."""
+    cfg = validate_config(CpiftConfig, raw, where, "tasks")
+    make_sft_config(sft_kwargs(cfg.sft, cfg.steps, tempfile.gettempdir(), cfg.seed, cfg.learning_rate,
+                               cfg.batch_size), where)
+    return cfg
+
+
+def load_cpift_config(path: str | Path) -> CpiftConfig:
+    """Read and validate a CPI-FT YAML before any training."""
+    raw = load_yaml_mapping(path, "configs/cpift_default.yaml", "model, tasks, steps")
+    return parse_cpift_config(raw, str(Path(path).expanduser()))
+
+
+# ----------------------------------------------------------------------------- pieces
+
+def group_tasks(jaccard: list[list[float]], tau: float) -> list[list[int]]:
+    """Connected components of the graph linking tasks i, j with Jaccard ≥ tau; ordered by first member."""
+    n = len(jaccard)
+    parent = list(range(n))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i in range(n):
+        for j in range(i + 1, n):
+            if jaccard[i][j] >= tau:
+                parent[find(j)] = find(i)
+    groups: dict[int, list[int]] = {}
+    for i in range(n):
+        groups.setdefault(find(i), []).append(i)
+    return sorted(groups.values(), key=lambda g: g[0])
+
+
+def fuse(base: str | Path, task_models: list[Path], cores: list[dict[str, torch.Tensor]], out: str | Path,
+         omega: float, eps: float = DEFAULT_EPS) -> dict[str, Any]:
+    """Steps 3-4, streaming: core entries transplanted, non-core entries the mean of SLERP(θ0, θ_i, ω)."""
+    collisions = moved = fallback = n_tensors = 0
+
+    def fn(name: str, a: torch.Tensor, rest: list[torch.Tensor]) -> torch.Tensor:
+        nonlocal collisions, moved, fallback, n_tensors
+        idx = [c.get(name) for c in cores]
+        flat = a.reshape(-1)
+        keep = torch.ones(flat.numel(), dtype=torch.bool)
+        for i in idx:
+            if i is not None:
+                keep[i] = False
+        acc = torch.zeros(int(keep.sum()), dtype=torch.float32)
+        for r in rest:
+            s, lin = slerp_flagged(flat[keep], r.reshape(-1)[keep], omega, eps)
+            acc += s
+            fallback += int(lin)
+        n_tensors += 1
+        mixed = flat.clone()
+        mixed[keep] = acc / len(rest)
+        res, c, m = transplant_cores(mixed, rest, idx)
+        # the collision rule compares |θ_i − θ0| with θ0, not with the SLERP-mixed value
+        collisions += c
+        moved += m
+        return res.view(a.shape)
+
+    stream_merge(base, task_models, out, fn)
+    return {"collisions": collisions, "transplanted": moved, "slerp_tensors": n_tensors,
+            "slerp_pairs_linear_fallback": fallback, "omega": omega, "slerp_mode": "averaged over tasks",
+            "collision_rule": "larger |theta_i - theta_0| wins; ties: the earlier task"}
+
+
+def freeze_mask_for(model_path: Path, cores: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Bool masks (True = frozen) of the union of `cores`, shaped like the model's parameters."""
+    model = load_model(model_path).model
+    params = dict(model.named_parameters())
+    out: dict[str, torch.Tensor] = {}
+    for core in cores:
+        for name, idx in core.items():
+            if name not in params:
+                continue  # e.g. a tied lm_head stored under another name
+            m = out.setdefault(name, torch.zeros(params[name].numel(), dtype=torch.bool))
+            m[idx] = True
+    return {k: v.view(params[k].shape) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------- the run
+
+class _Runner:
+    def __init__(self, cfg: CpiftConfig, run: RunDir, base: Path) -> None:
+        self.cfg, self.run, self.base = cfg, run, base
+        self.domains = [get_domain(d) for d in cfg.tasks]
+        self.train_log: dict[str, Any] = run.read_result("cpift_train") or {}
+
+    def sft(self, name: str, init: Path, domains: list[Domain], steps: int,
+            freeze: dict[str, torch.Tensor] | None = None) -> Path:
+        ckpt = self.run.checkpoint(name)
+        if self.run.has_checkpoint(name):
+            console.print(f"[dim]{name}: done, skipped[/dim]")
+            return ckpt
+        console.print(f"[bold]{name}[/bold]: {steps} SFT steps on {'+'.join(d.name for d in domains)}"
+                      + (f", {sum(int(m.sum()) for m in freeze.values())} entries frozen" if freeze else ""))
+        stats = sft_train(init, domains, steps, self.cfg.learning_rate, self.cfg.batch_size, ckpt, seed=self.cfg.seed,
+                          freeze_mask=freeze, train_prompts=self.cfg.train_prompts, sft=self.cfg.sft)
+        stats.pop("log", None)
+        self.train_log[name] = stats
+        self.run.write_result("cpift_train", self.train_log)
+        return ckpt
+
+    def evaluate(self, ckpt: Path) -> dict[str, float]:
+        loaded = load_model(ckpt)
+        scores = evaluate_all(loaded.model, loaded.tokenizer, self.domains, n=self.cfg.eval_n, seed=self.cfg.seed)
+        return {k: v.score for k, v in scores.items()}
+
+
+def run_cpift_config(cfg: CpiftConfig, out: str | Path) -> dict[str, Any]:
+    """Run (or resume) probes, grouping, fusion, pipeline and both baselines; write results/cpift.json."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t_start = time.perf_counter()
+    base = check_checkpoint_dir(cfg.model)
+    run = open_run(out, {**cfg.model_dump(), "model": str(base)}, kind="cpift")
+    r = _Runner(cfg, run, base)
+    tasks, doms = cfg.tasks, r.domains
+    seconds: dict[str, float] = {}
+
+    # (1) probes and core regions
+    t0 = time.perf_counter()
+    probes = [r.sft(f"probe_{t}", base, [d], cfg.steps) for t, d in zip(tasks, doms, strict=True)]
+    cores: list[dict[str, torch.Tensor]] = []
+    core_stats: dict[str, Any] = {}
+    (run.root / "cores").mkdir(exist_ok=True)
+    for t, p in zip(tasks, probes, strict=True):
+        path = run.root / "cores" / f"{t}.safetensors"
+        masks, st = core_masks(base, p, cfg.core_percent)
+        save_index_masks(masks, path)
+        cores.append(load_index_masks(path))
+        core_stats[t] = st
+    # (2) grouping
+    jac = [[mask_jaccard(a, b) for b in cores] for a in cores]
+    groups_idx = group_tasks(jac, cfg.tau)
+    groups = [[tasks[i] for i in g] for g in groups_idx]
+    console.print("core overlap (Jaccard):\n" + _matrix_text(jac, tasks)
+                  + f"\ngroups (Jaccard >= {cfg.tau}): " + " | ".join("+".join(g) for g in groups))
+    # (3-4) transplant + SLERP
+    fused = run.checkpoint("fused")
+    fuse_stats = run.read_result("cpift_fuse")
+    if fuse_stats is None or not run.has_checkpoint("fused"):
+        fuse_stats = fuse(base, probes, cores, fused, cfg.omega, cfg.slerp_eps)
+        run.write_result("cpift_fuse", fuse_stats)
+    console.print(f"fused: {fuse_stats['transplanted']} core entries transplanted, "
+                  f"{fuse_stats['collisions']} in two or more cores")
+    # (5) pipeline over groups, earlier groups' cores frozen
+    prev = fused
+    for g, members in enumerate(groups_idx):
+        earlier = [cores[i] for gg in groups_idx[:g] for i in gg]
+        freeze = freeze_mask_for(prev, earlier) if earlier else None
+        prev = r.sft(f"cpift_{g + 1:02d}_{'+'.join(tasks[i] for i in members)}", prev,
+                     [doms[i] for i in members], cfg.pipeline_steps, freeze)
+    cpift_final = prev
+    seconds["cpift"] = round(time.perf_counter() - t0, 1)
+
+    # baselines
+    t0 = time.perf_counter()
+    mixed = r.sft("mixed_sft", base, doms, cfg.steps * len(tasks))
+    seconds["mixed_sft"] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
+    prev = base
+    for i, d in enumerate(doms):
+        prev = r.sft(f"seq_{i + 1:02d}_{d.name}", prev, [d], cfg.steps)
+    seconds["sequential_sft"] = round(time.perf_counter() - t0, 1)
+
+    # evaluation
+    t0 = time.perf_counter()
+    ckpts = {"base": base, "mixed_sft": mixed, "sequential_sft": prev, "cpift": cpift_final}
+    scores = {m: r.evaluate(c) for m, c in ckpts.items()}
+    extra = {f"probe_{t}": r.evaluate(p) for t, p in zip(tasks, probes, strict=True)}
+    extra["fused"] = r.evaluate(fused)
+    seconds["eval"] = round(time.perf_counter() - t0, 1)
+    seconds["total"] = round(time.perf_counter() - t_start, 1)
+
+    steps = {"base": 0, "mixed_sft": cfg.steps * len(tasks), "sequential_sft": cfg.steps * len(tasks),
+             "cpift": cfg.steps * len(tasks) + cfg.pipeline_steps * len(groups)}
+    avg = {m: round(sum(s.values()) / len(s), 4) for m, s in scores.items()}
+    trained = [m for m in METHODS if m != "base"]
+    result: dict[str, Any] = {
+        "model": str(base), "domains": tasks, "methods": list(METHODS),
+        "scores": scores, "average": avg, "steps": steps, "seconds": seconds,
+        "best": max(trained, key=avg.__getitem__), "lowest": min(trained, key=avg.__getitem__),
+        "core": {"percent": cfg.core_percent, "per_task": core_stats, "jaccard": jac, "tau": cfg.tau,
+                 "groups": groups, "files": {t: f"cores/{t}.safetensors" for t in tasks}},
+        "fuse": fuse_stats, "intermediate_scores": extra,
+        "order": "probes -> cores -> groups -> transplant + SLERP into the base -> pipeline SFT per group "
+                 "(earlier groups' cores frozen)",
+        "config": cfg.model_dump(),
+    }
+    result["claim"] = {"mixed_lowest": result["lowest"] == "mixed_sft", "cpift_best": result["best"] == "cpift"}
+    run.write_result("cpift", result)
+    console.print(_table_text(result))
+    return result
+
+
+def run_cpift(config_path: str | Path, out: str | Path) -> dict[str, Any]:
+    """CLI entry: `crossroute cpift CONFIG.yaml --out RUN_DIR`."""
+    return run_cpift_config(load_cpift_config(config_path), out)
+
+
+# ----------------------------------------------------------------------------- rendering
+
+def _matrix_text(m: list[list[float]], labels: list[str]) -> str:
+    w = max(len(x) for x in labels) + 1
+    lines = [" " * w + "".join(f"{x:>8}" for x in labels)]
+    lines += [f"{a:<{w}}" + "".join(f"{v:8.3f}" for v in row) for a, row in zip(labels, m, strict=True)]
+    return "\n".join(lines)
+
+
+def _table_text(res: dict[str, Any]) -> str:
+    doms = res["domains"]
+    lines = [f"{'method':<16}" + "".join(f"{d:>9}" for d in doms) + f"{'avg':>9}{'steps':>7}"]
+    for m in res["methods"]:
+        lines.append(f"{m:<16}" + "".join(f"{res['scores'][m][d]:9.2f}" for d in doms)
+                     + f"{res['average'][m]:9.2f}{res['steps'][m]:7d}")
+    return "\n".join(lines)
+
+

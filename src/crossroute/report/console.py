@@ -1,0 +1,34 @@
+"""Terminal renderings of results (rich tables): score tables and the forgetting summary."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from crossroute.core.console import console
+
+
+def scores_table(title: str, rows: dict[str, dict[str, float]], columns: list[str]) -> Table:
+    """A rich table: one row per key of `rows`, one column per domain."""
+    t = Table(title=title)
+    t.add_column("")
+    for c in columns:
+        t.add_column(c, justify="right")
+    for name, scores in rows.items():
+        t.add_row(name, *[f"{scores[c]:.2f}" if c in scores else "-" for c in columns])
+    return t
+
+
+def print_forgetting(result: dict) -> None:
+    """The forgetting matrix and its summary on the terminal."""
+    rows = {r: dict(zip(result["domains"], m, strict=True)) for r, m in zip(result["rows"], result["matrix"],
+                                                                              strict=True)}
+    console.print(scores_table("forgetting matrix E[stage, domain]", rows, result["domains"]))
+    console.print(f"forgetting per domain: { {k: round(v, 2) for k, v in result['forgetting'].items()} }; "
+                  f"BWT {result['backward_transfer']:.2f}; average {result['average_base']:.2f} -> "
+                  f"{result['average_final']:.2f}")
+    if "refresh" in result:
+        r = result["refresh"]
+        share = "n/a (nothing lost)" if r["recovery_share"] is None else f"{100 * r['recovery_share']:.0f}%"
+        console.print(f"refresh {r['domain']}: {r['before']:.2f} -> {r['after']:.2f} (peak {r['peak']:.2f}, "
+                      f"recovered {share}); others: { {k: round(v, 2) for k, v in r['others_change'].items()} }; "
+                      f"average -> {r['average_after']:.2f}")

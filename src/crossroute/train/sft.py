@@ -1,0 +1,188 @@
+"""Supervised fine-tuning on domains' reference answers with TRL's SFTTrainer (completion-only loss).
+
+Rows are in TRL's prompt/completion format ({"prompt": p, "completion": answer + eos}); the char
+tokenizer has no chat template, so TRL tokenizes the plain text and masks the prompt tokens out of
+the loss. An optional gradient mask freezes single entries: their gradients are zeroed by a hook
+and, after every optimizer step, their saved values are copied back, so AdamW's weight decay and
+momentum cannot move them either (bit-identical after training; checked before saving).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from crossroute.core.errors import CrossrouteError
+from crossroute.domains.base import Domain
+from crossroute.model.load import load_model, save_model
+
+# SFTConfig fields crossroute sets itself; users may not override them.
+RESERVED_SFT = {"output_dir", "max_steps", "seed", "report_to", "save_strategy", "use_cpu"}
+
+
+def sft_kwargs(overrides: dict[str, Any] | None, steps: int, output_dir: str, seed: int,
+               lr: float | None = None, batch_size: int | None = None) -> dict[str, Any]:
+    """SFTConfig arguments: crossroute's defaults, then `overrides`, then the explicit arguments."""
+    kw: dict[str, Any] = {
+        "per_device_train_batch_size": 32,
+        "learning_rate": 1e-4,
+        "lr_scheduler_type": "constant",
+        "max_length": 256,
+        "logging_steps": 10,
+        "disable_tqdm": True,
+        "gradient_checkpointing": False,
+        "completion_only_loss": True,
+        "dataloader_num_workers": 0,
+    }
+    kw.update(overrides or {})
+    bad = sorted(RESERVED_SFT & set(overrides or {}))
+    if bad:
+        raise CrossrouteError(f"sft.{bad[0]}: set by crossroute itself; remove it from the config.")
+    if lr is not None:
+        kw["learning_rate"] = lr
+    if batch_size is not None:
+        kw["per_device_train_batch_size"] = batch_size
+    kw.update({"output_dir": output_dir, "max_steps": steps, "seed": seed, "report_to": [], "save_strategy": "no"})
+    if not torch.cuda.is_available():
+        kw.update({"use_cpu": True, "bf16": False, "gradient_checkpointing": False})
+    return kw
+
+
+def make_sft_config(kw: dict[str, Any], where: str) -> Any:
+    """Build TRL's SFTConfig, turning unknown fields and its validation errors into one-line errors."""
+    import trl
+    from trl import SFTConfig
+
+    names = {f.name for f in dataclasses.fields(SFTConfig)}
+    unknown = sorted(set(kw) - names)
+    if unknown:
+        raise CrossrouteError(f"{where}.sft.{unknown[0]}: not an SFTConfig field (TRL {trl.__version__}).")
+    try:
+        return SFTConfig(**kw)
+    except (ValueError, TypeError) as e:
+        raise CrossrouteError(f"{where}.sft: {str(e).splitlines()[0]}") from None
+
+
+def sft_rows(domains: list[Domain], n_per_domain: int, seed: int, eos: str) -> list[dict[str, str]]:
+    """Train-split prompt/completion rows of every domain, shuffled together (deterministic)."""
+    rows = [{"prompt": e.prompt, "completion": e.answer + eos}
+            for d in domains for e in d.examples("train", n_per_domain, seed=seed)]
+    random.Random(f"sft:{seed}:{','.join(d.name for d in domains)}").shuffle(rows)
+    return rows
+
+
+class FreezeMask:
+    """Freezes the entries of parameters where mask is True: zeroed grads plus restore after each step."""
+
+    def __init__(self, model: torch.nn.Module, mask: dict[str, torch.Tensor]) -> None:
+        params = dict(model.named_parameters())
+        self.entries: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor]] = []
+        self.handles: list[Any] = []
+        for name, m in mask.items():
+            if name not in params:
+                raise CrossrouteError(f"freeze mask: tensor {name!r} is not a trainable parameter of the model.")
+            p = params[name]
+            m = m.to(device=p.device, dtype=torch.bool)
+            if tuple(m.shape) != tuple(p.shape):
+                raise CrossrouteError(f"freeze mask: {name!r} has shape {tuple(m.shape)}, the parameter "
+                                      f"{tuple(p.shape)}.")
+            if not bool(m.any()):
+                continue
+            saved = p.detach()[m].clone()
+            self.entries.append((p, m, saved))
+            self.handles.append(p.register_hook(lambda g, m=m: g.masked_fill(m, 0.0)))
+
+    @property
+    def numel(self) -> int:
+        return sum(int(m.sum()) for _, m, _ in self.entries)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for p, m, saved in self.entries:
+            p.data[m] = saved
+
+    @torch.no_grad()
+    def max_change(self) -> float:
+        return max((float((p.detach()[m] - saved).abs().max()) for p, m, saved in self.entries), default=0.0)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+
+def _restore_callback(freeze: FreezeMask) -> Any:
+    from transformers import TrainerCallback
+
+    class RestoreFrozen(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:  # after optimizer.step
+            freeze.restore()
+
+    return RestoreFrozen()
+
+
+def sft_train(
+    model_path: str | Path,
+    domains: list[Domain],
+    steps: int,
+    lr: float | None,
+    batch_size: int | None,
+    out: str | Path,
+    seed: int = 0,
+    freeze_mask: dict[str, torch.Tensor] | None = None,
+    train_prompts: int = 2000,
+    sft: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """SFT `model_path` on the reference answers of `domains` (mixed when several); save to `out`.
+
+    `freeze_mask` maps parameter names to bool tensors (True = frozen entry). Returns run statistics.
+    """
+    import datasets
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    if not domains:
+        raise CrossrouteError("sft: at least one domain to train on.")
+    datasets.disable_progress_bars()
+    out = Path(out)
+    work = Path(tempfile.mkdtemp(prefix=".sft.", dir=out.parent if out.parent.exists() else None))
+    try:
+        args = make_sft_config(sft_kwargs(sft, steps, str(work), seed, lr, batch_size), "sft")
+        loaded = load_model(model_path)
+        model, tok = loaded.model, loaded.tokenizer
+        model.train()
+        tok.padding_side = "right"
+        dataset = Dataset.from_list(sft_rows(domains, train_prompts, seed, tok.eos_token))
+        freeze = FreezeMask(model, freeze_mask) if freeze_mask else None
+        callbacks = [_restore_callback(freeze)] if freeze else None
+        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok,
+                             callbacks=callbacks)
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # losses go to the returned stats, not stdout
+        t0 = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - t0
+        trained = trainer.accelerator.unwrap_model(trainer.model)
+        stats: dict[str, Any] = {"domains": [d.name for d in domains], "steps": steps, "seconds": round(seconds, 2),
+                                 "learning_rate": args.learning_rate,
+                                 "batch_size": args.per_device_train_batch_size,
+                                 "log": [h for h in trainer.state.log_history if "loss" in h]}
+        if freeze:
+            freeze.remove()
+            change = freeze.max_change()
+            if change != 0.0:
+                raise CrossrouteError(f"sft: frozen entries moved by up to {change:g}; refusing to save.")
+            stats["frozen_entries"] = freeze.numel
+        tok.padding_side = "left"
+        save_model(trained, tok, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return stats
