@@ -159,10 +159,10 @@ def test_planted_relative_upward_import_fails(copy: Path) -> None:
 
 
 def test_planted_cycle_fails(copy: Path) -> None:
-    plant(copy / "core" / "errors.py", "from crossroute.core import atomic")  # atomic imports errors
+    plant(copy / "core" / "atomic.py", "from crossroute.core import rundir")  # rundir imports atomic
     found = check_layering(copy)
     assert [v for v in found if v.kind == "cycle"] == [
-        Violation("cycle", "crossroute.core.atomic", "crossroute.core.atomic -> crossroute.core.errors")]
+        Violation("cycle", "crossroute.core.atomic", "crossroute.core.atomic -> crossroute.core.rundir")]
 
 
 def test_planted_private_import_fails(copy: Path) -> None:

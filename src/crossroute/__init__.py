@@ -8,4 +8,4 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-__version__ = "0.1.0"
+from crossroute.core.envelope import CROSSROUTE_VERSION as __version__  # noqa: E402, F401

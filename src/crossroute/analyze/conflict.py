@@ -25,7 +25,7 @@ from crossroute.model.units import UnitMap
 
 # Column order of the layer x module matrix (module labels of crossroute.model.units); a label of a newly
 # registered architecture that is not listed here follows, in order of appearance.
-MODULE_KINDS: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down", "qkv", "gate_up", "router",
+MODULE_KINDS: tuple[str, ...] = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "router",
                                  "experts_gate_up", "experts_down")
 # Module labels that are not modules of the matrix: their tensors are reported one by one under "other".
 NON_MODULE_LABELS: frozenset[str] = frozenset({"norm", "qk_norm", "other"})
@@ -59,7 +59,7 @@ class ConflictResult:
     num_layers: int
     most_conflicting: str | None
     most_synergistic: str | None
-    module_kinds: list[str] = field(default_factory=lambda: list(MODULE_KINDS[:7]))
+    module_kinds: list[str] = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
     domain_a: str = ""
     domain_b: str = ""
     model: str = ""

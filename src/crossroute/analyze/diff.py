@@ -43,10 +43,10 @@ from crossroute.model.units import UNIT_KINDS, UnitMap, unit_id
 
 THRESHOLDS: tuple[float, ...] = (1e-9, 1e-8, 1e-7, 1e-6, 1e-5)
 HIST_LOG10_MIN, HIST_LOG10_MAX, HIST_BINS = -12.0, 0.0, 60
-# Module type of each tensor (per-module relative change). The first seven keep the historical Llama-style keys.
+# Module type of each tensor (per-module relative change); Llama-style models keep the historical *_proj keys.
 MODULE_TYPES: tuple[str, ...] = (
-    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-    "qkv", "gate_up", "router", "experts_gate_up", "experts_down",
+    "q_proj", "k_proj", "v_proj", "qkv", "o_proj", "gate_proj", "up_proj", "gate_up", "down_proj",
+    "router", "experts_gate_up", "experts_down",
     "embed", "norm", "lm_head", "other",
 )
 # crossroute.model.units module label (TensorRule.module) -> MODULE_TYPES entry. A label missing here (a newly

@@ -162,7 +162,8 @@ def routes(
     out: Annotated[Path, typer.Option(help="run directory (an existing run gains results/routes.json)")] = Path(
         "runs/routes"),
 ) -> None:
-    """Active routes: per-unit activity per domain (hooks on down_proj / o_proj), active-set overlaps.
+    """Active routes: per-unit activity per domain (hooks at the unit table's sites: down-projection and
+    attention-output inputs, MoE routers), active-set overlaps.
 
     Example: crossroute routes default --domains math,code,qa,cw --out runs/demo
     """

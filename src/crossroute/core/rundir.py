@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from crossroute.core.atomic import atomic_write_json, atomic_write_yaml
+from crossroute.core.envelope import unwrap, wrap
 from crossroute.core.errors import CrossrouteError
 
 
@@ -46,10 +47,23 @@ class RunDir:
         """A checkpoint counts only once complete: its directory is renamed into place last."""
         return (self.checkpoint(name) / "config.json").exists()
 
-    def write_result(self, name: str, obj: Any) -> Path:
-        return atomic_write_json(self.results / f"{name}.json", obj)
+    def write_result(self, name: str, obj: Any, config: dict[str, Any] | None = None) -> Path:
+        """Write results/<name>.json atomically inside its envelope (crossroute.core.envelope); `config` is the
+        analysis's own configuration, merged over the run's run.yaml."""
+        full = {**(self.read_config() or {}), **(config or {})}
+        return atomic_write_json(self.results / f"{name}.json", wrap(name, obj, full))
+
+    def read_envelope(self, name: str) -> dict[str, Any] | None:
+        """The envelope of results/<name>.json (None when absent or written before envelopes)."""
+        raw = self._read_json(name)
+        return None if raw is None else unwrap(raw)[0]
 
     def read_result(self, name: str) -> Any | None:
+        """The data of results/<name>.json (without its envelope), None when absent."""
+        raw = self._read_json(name)
+        return None if raw is None else unwrap(raw)[1]
+
+    def _read_json(self, name: str) -> Any | None:
         path = self.results / f"{name}.json"
         if not path.exists():
             return None

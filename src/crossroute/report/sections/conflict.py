@@ -5,7 +5,6 @@ from __future__ import annotations
 import html
 from typing import Any
 
-from crossroute.analyze.conflict import MODULE_KINDS
 from crossroute.core.rundir import RunDir
 from crossroute.report.registry import register_section, result_files
 
@@ -43,7 +42,7 @@ def render_conflict_section(results: list[dict]) -> str:
                  + "".join(rows) + "</tbody></table>")
     for r in results:
         matrix = r.get("matrix") or []
-        kinds = r.get("module_kinds") or list(MODULE_KINDS[: len(matrix[0]) if matrix else 0])
+        kinds = r.get("module_kinds") or []
         if not matrix or not kinds:
             continue
         parts.append(heatmap(matrix, [f"L{i}" for i in range(len(matrix))], kinds,

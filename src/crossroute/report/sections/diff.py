@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+from collections.abc import Iterable
 from pathlib import Path
 
 from crossroute.analyze.diff import MODULE_TYPES, UNIT_KINDS
@@ -45,9 +46,9 @@ def _threshold_table(stages: list[dict], names: list[str]) -> str:
             + "".join(rows) + "</table>")
 
 
-def _ordered(keys: object, order: tuple[str, ...]) -> list[str]:
+def _ordered(keys: Iterable[str], order: tuple[str, ...]) -> list[str]:
     """`keys` in `order` first, then any others (a newly registered architecture's kinds or modules)."""
-    ks = list(keys)  # type: ignore[call-overload]
+    ks = list(keys)
     return [k for k in order if k in ks] + [k for k in ks if k not in order]
 
 
