@@ -122,6 +122,10 @@ def test_unit_scores_and_top_sets(ckpts: dict[str, Path]) -> None:
     kv = float(d[P.format(1, "self_attn.v_proj")][0:4].norm())
     assert res.unit_scores["kv"][1] == pytest.approx([kv, 0.0], rel=1e-6)
     assert res.top_units == {"neuron": ["L1.mlp.5"], "head": ["L0.head.2"], "kv": ["L1.kv.0"]}
+    js = res.to_json()
+    assert js["units"]["arch"] == "qwen3" and js["units"]["warning"] is None
+    assert js["units"]["counts"]["neuron"]["per_layer"] == [INTER] * LAYERS
+    assert js["layout"] == {"num_attention_heads": HEADS, "num_key_value_heads": KV, "head_dim": HEAD_DIM}
     wide = diff_checkpoints(ckpts["base"], ckpts["s1"], top_k_percent=50)
     assert wide.top_sets() == {"neuron": {"L1.mlp.5"}, "head": {"L0.head.2"}, "kv": {"L1.kv.0"}}
 

@@ -4,6 +4,11 @@ Tensors are read in row blocks of ~1 M entries from both checkpoints with `os.pr
 offsets of the (validated, JSON-only) safetensors header into reusable buffers: never a whole
 model, never a pickle, and no mmap (safe_open's mapping kept every page read resident: RSS grew
 to the size of both checkpoints). Memory is a few fixed buffers per worker thread.
+
+Units (neurons, heads, KV groups, MoE routers and experts) and module types come from the unit table
+(crossroute.model.units) built from config.json and the safetensors header: per tensor, δ² is summed per
+position along its unit axis while streaming, then mapped to units. An architecture the table does not know
+still gets the anatomy; its warning is recorded in the result and unit scores are empty.
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ import html
 from collections.abc import Iterable
 from pathlib import Path
 
-from crossroute.analyze.diff import MODULE_TYPES, UNIT_KINDS
+from crossroute.analyze.diff import MODULE_TYPES
 from crossroute.core.rundir import RunDir
+from crossroute.model.units import UNIT_KINDS
 from crossroute.report.registry import register_section
 
 
