@@ -174,7 +174,7 @@ def test_run_training_records_protection(tmp_path: Path, tiny_ckpt: Path) -> Non
 def test_shipped_protected_config() -> None:
     from crossroute.experiments.sequence import load_train_config
 
-    root = Path(__file__).parents[1] / "configs"
+    root = Path(__file__).parents[2] / "configs"
     cfg = load_train_config(root / "protected_sequence.yaml")
     base = load_train_config(root / "default_sequence.yaml")
     assert [s.domain for s in cfg.stages] == [s.domain for s in base.stages]

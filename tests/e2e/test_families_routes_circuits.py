@@ -19,8 +19,6 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-
 from crossroute.analyze.circuits import run_circuits  # noqa: E402
 from crossroute.analyze.routes import run_routes  # noqa: E402
 from crossroute.model.units import UnitMap  # noqa: E402

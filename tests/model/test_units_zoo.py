@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,9 +18,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from crossroute import units as U  # noqa: E402
+from crossroute.model import units as U  # noqa: E402
 from crossroute.model.units import CrossrouteError, UnitMap, dims_from_config, parse_unit_id, unit_id  # noqa: E402
 from zoo import FAMILIES, zoo_checkpoint  # noqa: E402
 

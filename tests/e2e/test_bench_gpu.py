@@ -12,7 +12,7 @@ from types import ModuleType
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_gpu.py"
 ONLY_OUTCOME = {"sdpa_double_backward"}  # may fail on purpose (no double backward through fused SDPA)
 CPU_SKIPPED = {"diff_naive_gpu"}
 

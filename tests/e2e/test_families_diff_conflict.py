@@ -18,8 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-
 from crossroute.analyze.conflict import run_conflict  # noqa: E402
 from crossroute.analyze.diff import diff_checkpoints  # noqa: E402
 from crossroute.core.errors import CrossrouteError  # noqa: E402

@@ -63,7 +63,7 @@ def test_yaml_file_errors(tmp_path: Path) -> None:
 
 
 def test_shipped_configs_validate() -> None:
-    root = Path(__file__).parents[1] / "configs"
+    root = Path(__file__).parents[2] / "configs"
     cfg = load_train_config(root / "default_sequence.yaml")
     assert [s.domain for s in cfg.stages] == ["math", "code", "qa", "cw"] and cfg.refresh is not None
     from crossroute.experiments.demo import CPIFT_CONFIG, DEMO_CONFIG, PROTECT_CONFIG
