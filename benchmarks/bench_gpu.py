@@ -532,17 +532,17 @@ def bench_diff(b: Bench, run: ShapeRun) -> None:
 
 
 def part_rollback(b: Bench, run: ShapeRun) -> Record:
-    from crossroute.analyze.subspace import UnitMap
+    from crossroute.model.units import UnitMap
     from crossroute.repair.rollback import Swapper, budget
 
     model = run.model
     gen = torch.Generator(device=b.dev).manual_seed(3)
     with torch.no_grad():
         source = {n: perturb(p.detach(), PERTURB_FRACTION, gen) for n, p in model.named_parameters()}
-    umap = UnitMap.of(model)
+    umap = UnitMap.of_model(model)
     swapper = Swapper(model, source, umap)
     del source
-    pool = [u for k in umap.kinds for u in umap.ids(k)]  # the sweep's joint pool: neurons, heads, KV groups
+    pool = [u for k in umap.partition_kinds for u in umap.ids(k)]  # the sweep's joint pool: neurons, heads, KV groups
     units = random.Random(0).sample(pool, budget(len(pool), ROLLBACK_PERCENT))
     inputs = {"input_ids": run.batch["input_ids"], "attention_mask": run.batch["attention_mask"]}
     model.eval()

@@ -19,12 +19,12 @@ from collections.abc import Callable
 
 import torch
 
-from crossroute.analyze.subspace import UnitMap
 from crossroute.domains.files import get_domain
 from crossroute.measure.evaluate import evaluate_domain
 from crossroute.measure.hvp import grad_and_hvp
 from crossroute.measure.proxy import domain_examples, make_batches, n_label_tokens, proxy_loss
 from crossroute.model.load import load_model
+from crossroute.model.units import UnitMap
 from crossroute.repair import rollback
 
 
@@ -81,7 +81,7 @@ def main() -> None:
     with torch.no_grad():
         for p in other.parameters():
             p.add_(1e-3 * torch.randn(p.shape, generator=gen).to(dev))
-    swapper = rollback.Swapper(model, dict(other.named_parameters()), UnitMap.of(model))
+    swapper = rollback.Swapper(model, dict(other.named_parameters()), UnitMap.of_model(model))
     units = rollback.all_units(swapper.umap)[: len(rollback.all_units(swapper.umap)) // 8]
 
     def point() -> None:
