@@ -66,7 +66,7 @@ def zoo_tokenizer() -> PreTrainedTokenizerFast:
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
         tok.train_from_iterator(_corpus(), trainer)
         _TOKENIZER = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD, bos_token=BOS,
-                                             chat_template=CHATML, model_max_length=64)
+                                             chat_template=CHATML, model_max_length=512)
     return _TOKENIZER
 
 
@@ -79,7 +79,7 @@ def zoo_config_kwargs(family: str, vocab_size: int, ids: dict[str, int]) -> dict
                     initializer_range=0.1, **ids)
     kw: dict[str, Any] = dict(vocab_size=vocab_size, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
                               num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
-                              head_dim=HEAD_DIM, max_position_embeddings=64, initializer_range=0.1, **ids)
+                              head_dim=HEAD_DIM, max_position_embeddings=512, initializer_range=0.1, **ids)
     if family == "gpt_neox":
         del kw["num_key_value_heads"], kw["head_dim"]
     elif family == "phi3":

@@ -157,7 +157,7 @@ def test_jsonl_whole_file_errors(tmp_path: Path) -> None:
     with pytest.raises(CrossrouteError, match="no such JSONL"):
         load_jsonl_domain(tmp_path / "missing.jsonl")
     dup = ['{"prompt": "a", "answer": "1"}', '{"prompt": "a", "answer": "2"}']
-    with pytest.raises(CrossrouteError, match="line 2 repeats the prompt of line 1"):
+    with pytest.raises(CrossrouteError, match=":2: field 'prompt' repeats the prompt of line 1"):
         load_jsonl_domain(_write(tmp_path / "d.jsonl", dup))
     mixed = ['{"prompt": "a", "answer": "1"}', '{"prompt": "b", "rubric": {"n_words": 1}}']
     with pytest.raises(CrossrouteError, match="mixes"):
@@ -175,13 +175,11 @@ def test_parse_domains_errors() -> None:
 
 
 def test_jsonl_with_tests_is_a_sandboxed_code_domain(tmp_path: Path) -> None:
-    from crossroute.domains.code import CodeDomain
-
     rows = [json.dumps({"prompt": f"def f(): return {i}", "tests": f"assert f() == {i}"}) for i in range(6)]
     d = get_domain(f"pycode={_write(tmp_path / 'c.jsonl', rows)}")
-    assert isinstance(d, CodeDomain) and d.name == "pycode"
+    assert d.kind == "code" and d.name == "pycode"
     ex = (d.examples("train") + d.examples("eval"))[0]
-    want = ex.rubric["tests"].split("== ")[1]
+    want = ex.tests.split("== ")[1]
     assert d.score(ex, f"def f():\n    return {want}") == 1.0
     assert d.score(ex, "def f():\n    return -1") == 0.0
 

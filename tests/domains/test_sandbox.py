@@ -12,7 +12,8 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from crossroute.core.errors import CrossrouteError
-from crossroute.domains.code import CodeDomain, code_reward, extract_code, load_code_domain, score_code
+from crossroute.domains.code import code_reward, extract_code, score_code
+from crossroute.domains.files import load_jsonl_domain as load_code_domain
 from crossroute.domains.sandbox import SandboxLimits, run_sandboxed, sandbox_info
 
 SOLUTION = "def double(x):\n    return 2 * x\n"
@@ -211,18 +212,18 @@ def test_code_domain_loads_and_scores(tmp_path: Path) -> None:
     rows = [{"prompt": f"Write double (v{i}).", "tests": TESTS, "answer": SOLUTION,
              "split": "train" if i % 2 else "eval"} for i in range(4)]
     dom = load_code_domain(_write(tmp_path, rows), name="mycode")
-    assert isinstance(dom, CodeDomain) and dom.kind == "code" and dom.name == "mycode"
+    assert dom.kind == "code" and dom.name == "mycode"
     train, evals = dom.examples("train"), dom.examples("eval")
     assert len(train) == 2 and len(evals) == 2
     ex = train[0]
-    assert ex.rubric == {"tests": TESTS}
+    assert ex.tests == TESTS and ex.rubric is None
     assert dom.score(ex, ex.answer) == 1.0
     assert dom.score(ex, "def double(x): return 0") == 0.0
-    row = ex.row()  # what TRL sees: the rubric column is a JSON string
+    row = ex.row()  # what TRL sees: the tests travel as their own column
     f = dom.reward_func()
     assert f.__name__ == "reward_mycode"
     assert f([row["prompt"]] * 2, [ex.answer, "oops("], answer=[row["answer"]] * 2,
-             rubric=[row["rubric"]] * 2) == [1.0, 0.0]
+             tests=[row["tests"]] * 2) == [1.0, 0.0]
 
 
 @pytest.mark.parametrize("bad, where", [

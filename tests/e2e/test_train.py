@@ -33,7 +33,7 @@ def tiny_config(model: Path, steps: int = 2) -> dict[str, Any]:
     "patch, needle",
     [
         ({"stagez": []}, "field stagez: unknown field"),
-        ({"stages": [{"domain": "chess", "steps": 1}]}, "cfg.yaml: stages[0].domain 'chess' is not in domains"),
+        ({"stages": [{"domain": "chess", "steps": 1}]}, "cfg.yaml: stages[0].domain 'chess' is not declared in domains"),
         ({"domains": ["math", "chess"]}, "field domains: unknown domain 'chess'"),
         ({"stages": [{"domain": "math", "steps": 0}]}, "field stages.0.steps"),
         ({"stages": [{"domain": "math", "steps": 1, "lr": 1}]}, "field stages.0.lr: unknown field"),
@@ -42,7 +42,7 @@ def tiny_config(model: Path, steps: int = 2) -> dict[str, Any]:
          "stages[0].grpo: generation_batch_size (8) must be divisible by num_generations (3)"),
         ({"grpo": {"num_generations": 1, "per_device_train_batch_size": 8}}, "stages[0].grpo"),
         ({"grpo": {"learning_rat": 1e-3}}, "stages[0].grpo.learning_rat: not a GRPOConfig field"),
-        ({"refresh": {"domain": "cw", "steps": 1}}, "refresh.domain 'cw' is not in domains"),
+        ({"refresh": {"domain": "cw", "steps": 1}}, "refresh.domain 'cw' is not declared in domains"),
     ],
 )
 def test_config_errors_name_the_field(tiny_ckpt: Path, patch: dict[str, Any], needle: str) -> None:

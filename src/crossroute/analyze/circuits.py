@@ -41,8 +41,8 @@ from crossroute.analyze.routes import unit_map
 from crossroute.core.console import progress_bar
 from crossroute.core.errors import CrossrouteError
 from crossroute.core.rundir import RunDir, result_name
-from crossroute.domains.base import Domain
 from crossroute.domains.builtin import BUILTIN, BY_LETTER, CW_LETTERS, ENTITIES, KB, QA_TEMPLATES
+from crossroute.domains.domain import Domain
 from crossroute.domains.jsonl import iter_jsonl
 from crossroute.model.load import default_device, load_model
 from crossroute.model.units import UnitMap

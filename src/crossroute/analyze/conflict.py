@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from crossroute.core.rundir import RunDir, result_name
-from crossroute.domains.base import Domain
+from crossroute.domains.domain import Domain
 from crossroute.domains.files import get_domain
 from crossroute.measure.proxy import gradient_and_loss
 from crossroute.model.load import load_model, params_in_layers

@@ -32,7 +32,7 @@ import torch
 from crossroute.analyze.subspace import ConflictSubspace, conflict_subspace, shared_units
 from crossroute.core.errors import CrossrouteError
 from crossroute.core.rundir import RunDir, result_name
-from crossroute.domains.base import Domain
+from crossroute.domains.domain import Domain
 from crossroute.domains.files import as_domains, get_domain
 from crossroute.measure.hvp import grad_and_hvp
 from crossroute.measure.proxy import Batch, domain_examples, make_batches, mean_proxy_loss

@@ -1,8 +1,15 @@
-"""Forgetting matrix summaries (DESIGN.md §2.1): peak, forgetting, backward transfer, refresh recovery."""
+"""Forgetting matrix summaries (DESIGN.md §2.1): peak, forgetting, backward transfer, refresh recovery.
+
+`forgetting_summary` reads the matrix of mean scores (its `forgetting` is the max-based peak - final, biased
+upward by the max over noisy rows); `paired_summary` gives every difference between named rows as a paired
+estimate over the same prompts, with a bootstrap CI and a p-value (McNemar for 0/1 outcomes).
+"""
 
 from __future__ import annotations
 
 from typing import Any
+
+from crossroute.measure.stats import paired_by_key, paired_diff
 
 
 def forgetting_summary(rows: list[str], matrix: list[list[float]], domains: list[str],
@@ -46,4 +53,47 @@ def forgetting_summary(rows: list[str], matrix: list[list[float]], domains: list
             "others_change": {d: ref[k] - final[k] for k, d in enumerate(domains) if d != a},
             "average_after": sum(ref) / len(domains),
         }
+    return out
+
+
+# ----------------------------------------------------------------------------- paired, from per-example records
+
+PerExample = dict[str, dict[str, float]]  # domain -> example key -> score in [0, 1]
+
+
+def per_example_scores(records: list[dict[str, Any]]) -> PerExample:
+    """Eval records grouped by domain and keyed by prompt, so two checkpoints pair on the same examples."""
+    out: PerExample = {}
+    for r in records:
+        key = f"{r.get('id') or ''}\x00{r['prompt']}"
+        out.setdefault(str(r["domain"]), {})[key] = float(r["score"])
+    return out
+
+
+def _diff(a: dict[str, float], b: dict[str, float], sign: float = 1.0) -> dict[str, Any]:
+    """paired_diff(b - a) (sign -1: a - b) as JSON."""
+    x, y = paired_by_key(a, b)
+    d = paired_diff(x, y) if sign > 0 else paired_diff(y, x)
+    return d.to_json()
+
+
+def paired_summary(rows: list[str], per_row: list[PerExample], domains: list[str], trained: list[str],
+                   refresh_row: int | None) -> dict[str, Any]:
+    """Every difference of the summary as a paired estimate over the same prompts: CI and p-value.
+
+    Forgetting of a trained domain is defined between named rows: the score right after its own (last) stage
+    minus the score at the end of the sequence; of an untrained domain, the base minus the end. Own-stage gain:
+    the stage's row minus the row before. Refresh: its row minus the end of the sequence, for every domain."""
+    seq_end = refresh_row if refresh_row is not None else len(rows)
+    end = seq_end - 1
+    forgetting: dict[str, Any] = {}
+    for d in domains:
+        own = max((i + 1 for i, t in enumerate(trained) if t == d), default=0)
+        forgetting[d] = {"from": rows[own], "to": rows[end],
+                         **_diff(per_row[own].get(d, {}), per_row[end].get(d, {}), sign=-1.0)}
+    gains = {rows[i + 1]: {"domain": t, **_diff(per_row[i].get(t, {}), per_row[i + 1].get(t, {}))}
+             for i, t in enumerate(trained)}
+    out: dict[str, Any] = {"forgetting": forgetting, "own_stage_gain": gains}
+    if refresh_row is not None:
+        out["refresh"] = {d: _diff(per_row[end].get(d, {}), per_row[refresh_row].get(d, {})) for d in domains}
     return out

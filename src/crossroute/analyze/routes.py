@@ -32,7 +32,7 @@ from crossroute.analyze.diff import jaccard
 from crossroute.core.console import progress_bar
 from crossroute.core.errors import CrossrouteError
 from crossroute.core.rundir import RunDir
-from crossroute.domains.base import Domain
+from crossroute.domains.domain import Domain
 from crossroute.domains.files import as_domains
 from crossroute.measure.proxy import Batch, domain_examples, make_batches
 from crossroute.model.load import default_device, load_model

@@ -10,7 +10,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from crossroute.analyze.routes import active_sets, measure_activity
 from crossroute.core.errors import CrossrouteError
-from crossroute.domains.base import Domain
+from crossroute.domains.domain import Domain
 from crossroute.measure.hvp import grad_and_hvp
 from crossroute.measure.proxy import Batch
 from crossroute.model.units import PARTITION_KINDS, UnitMap

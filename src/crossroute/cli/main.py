@@ -25,7 +25,8 @@ app = typer.Typer(
 )
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="checkpoint directory, or 'default' (embedded)")]
-DomainsOpt = Annotated[str, typer.Option("--domains", "-d", help="comma list: built-in names, JSONL paths, NAME=PATH")]
+DomainsOpt = Annotated[str, typer.Option("--domains", "-d", help="comma list: built-in names, domain spec files "
+                                         "(.yaml), data files, NAME=PATH")]
 
 
 
@@ -74,18 +75,47 @@ def eval_cmd(
     """
     from crossroute.core.rundir import open_run
     from crossroute.domains.files import parse_domains
-    from crossroute.measure.evaluate import evaluate_all, scores_json
+    from crossroute.measure.evaluate import evaluate_all, scores_json, write_records
     from crossroute.model.load import load_model
 
     doms = parse_domains(domains)
     loaded = load_model(model)
     run = open_run(out, {"model": str(loaded.path), "domains": [d.name for d in doms], "n": n}, kind="eval")
     scores = evaluate_all(loaded.model, loaded.tokenizer, doms, n=n, show_progress=True)
-    run.write_result("eval", {"model": str(loaded.path), **scores_json(scores)})
+    records = write_records(run.results / f"eval_{Path(loaded.path).name}.jsonl", scores)
+    run.write_result("eval", {"model": str(loaded.path), "records": str(records), **scores_json(scores)})
     console.print(scores_table("held-out scores [0-100]", {Path(loaded.path).name: {k: v.score for k, v in
                                                                                     scores.items()}},
                                [d.name for d in doms]))
-    console.print(f"wrote {run.results / 'eval.json'}")
+    console.print(f"wrote {run.results / 'eval.json'} and {records}")
+
+
+@app.command()
+def rescore(
+    records: Annotated[Path, typer.Argument(help="eval records: RUN/results/eval_<name>.jsonl")],
+    domain: Annotated[str, typer.Option("--domain", help="the domain whose scorer to use: a built-in name, a domain "
+                                        "spec (.yaml), a data file or NAME=SPEC")],
+    out: Annotated[Path | None, typer.Option(help="where to write the re-scored records "
+                                             "(default: RECORDS with .rescored.jsonl)")] = None,
+) -> None:
+    """Score saved completions again (a changed verifier needs no new generations); prints the new mean.
+
+    Example: crossroute rescore runs/seq/results/eval_01_gsm8k.jsonl --domain gsm8k=configs/domains/gsm8k.yaml
+    """
+    from crossroute.domains.files import get_domain
+    from crossroute.measure.rescore import read_records, write_rescored
+    from crossroute.measure.rescore import rescore as run_rescore
+
+    dom = get_domain(domain)
+    scored = run_rescore(read_records(records), dom, str(records))
+    dest = write_rescored(out or records.with_name(records.name.removesuffix(".jsonl") + ".rescored.jsonl"), scored)
+    old = [r["previous_score"] for r in scored if isinstance(r.get("previous_score"), int | float)]
+    new = 100.0 * sum(r["score"] for r in scored) / len(scored)
+    line = f"{dom.name}: {new:.2f} on {len(scored)} records (scorer {dom.kind})"
+    if len(old) == len(scored):
+        line += f"; was {100.0 * sum(old) / len(old):.2f}"
+    console.print(line)
+    console.print(f"wrote {dest}")
 
 
 @app.command()

@@ -1,16 +1,11 @@
-"""A domain: prompts, a verifiable reward and an evaluator (DESIGN.md §1); examples, rubric scoring."""
+"""What a domain is made of: examples, splits, answer normalisation and rubric checks (DESIGN.md §1)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import random
-import re
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
-
-from crossroute.core.errors import CrossrouteError
 
 SPLITS = ("train", "eval")
 
@@ -20,16 +15,46 @@ EVAL_SHARE = 0.2  # share of the prompt space held out for evaluation
 
 @dataclass(frozen=True)
 class Example:
-    """One prompt with its reference completion (or a rubric when there is no single answer)."""
+    """One prompt with what its completions are scored against.
+
+    `prompt` is the user turn's text (for a conversational row, the last user message); `messages`, when set,
+    is the whole conversation up to the assistant turn. `answer` is the reference (for qa the first alias),
+    `answers` every accepted alias, `tests` Python test code and `entry_point` the function a HumanEval-style
+    `check(candidate)` test is called on. `rubric` holds rule checks for writing rows.
+    """
 
     prompt: str
     answer: str
     rubric: dict[str, Any] | None = None
-    split: str | None = None  # a JSONL line may pin its split; otherwise the prompt's hash decides
+    split: str | None = None  # a line may pin its split; otherwise the prompt's hash decides
+    answers: tuple[str, ...] = ()
+    tests: str = ""
+    entry_point: str = ""
+    messages: tuple[dict[str, str], ...] | None = None
+    id: str = ""
+    where: str = ""  # file:line of the row, for error messages
 
     def row(self) -> dict[str, Any]:
         """The dataset row TRL sees; extra columns reach reward functions as keyword arguments."""
-        return {"prompt": self.prompt, "answer": self.answer, "rubric": json.dumps(self.rubric or {})}
+        return {"prompt": self.prompt, "answer": self.answer, "rubric": json.dumps(self.rubric or {}),
+                "answers": json.dumps(list(self.answers)), "tests": self.tests, "entry_point": self.entry_point}
+
+    @staticmethod
+    def from_row(prompt: Any, row: dict[str, Any], i: int) -> Example:
+        """The Example behind the i-th completion of a TRL reward call (columns arrive as keyword lists)."""
+
+        def col(key: str, default: Any) -> Any:
+            vals = row.get(key)
+            return vals[i] if vals is not None and i < len(vals) else default
+
+        text = prompt if isinstance(prompt, str) else next(
+            (m["content"] for m in reversed(prompt) if m.get("role") == "user"), prompt[-1]["content"])
+        rubric = col("rubric", "{}")
+        rubric = json.loads(rubric) if isinstance(rubric, str) else rubric
+        answers = col("answers", "[]")
+        answers = json.loads(answers) if isinstance(answers, str) else answers
+        return Example(text, str(col("answer", "")), rubric or None, None, tuple(answers or ()),
+                       str(col("tests", "") or ""), str(col("entry_point", "") or ""))
 
 
 def split_of(prompt: str) -> str:
@@ -69,76 +94,6 @@ def score_rubric(rubric: dict[str, Any], completion: str) -> float:
     for w in rubric.get("must_exclude", []):
         checks.append(0.0 if normalise(w) in words else 1.0)
     return sum(checks) / len(checks) if checks else 0.0
-
-
-@dataclass
-class Domain:
-    """A named task: a deterministic example generator per split and a per-example score in [0, 1]."""
-
-    name: str
-    description: str
-    generate: Callable[[random.Random], Example] | None = None
-    fixed: list[Example] | None = None
-    max_new_tokens: int = 16
-    kind: str = "exact"  # "exact" (exact-match answer) or "rubric"
-    source: str = "builtin"
-    _cache: dict[str, list[Example]] = field(default_factory=dict, repr=False)
-
-    def examples(self, split: str, n: int | None = None, seed: int = 0) -> list[Example]:
-        """Up to `n` distinct examples of `split`, deterministic given (split, n, seed)."""
-        if split not in SPLITS:
-            raise CrossrouteError(f"split {split!r} unknown; use one of {', '.join(SPLITS)}.")
-        if self.fixed is not None:
-            pool = [e for e in self.fixed if self._split(e) == split]
-            rng = random.Random(f"{self.name}:{split}:{seed}")
-            pool = pool[:]
-            rng.shuffle(pool)
-            return pool if n is None else pool[:n]
-        assert self.generate is not None
-        n = 200 if n is None else n
-        rng = random.Random(f"{self.name}:{split}:{seed}")
-        seen: set[str] = set()
-        out: list[Example] = []
-        tries = 0
-        while len(out) < n and tries < 200 * n + 10_000:
-            tries += 1
-            ex = self.generate(rng)
-            if ex.prompt in seen or split_of(ex.prompt) != split:
-                continue
-            seen.add(ex.prompt)
-            out.append(ex)
-        return out
-
-    @staticmethod
-    def _split(ex: Example) -> str:
-        return ex.split or split_of(ex.prompt)
-
-    def score(self, example: Example, completion: str) -> float:
-        """Score one completion in [0, 1]: exact match of the answer, or the rubric's fraction."""
-        if self.kind == "rubric":
-            return score_rubric(example.rubric or {}, completion)
-        return 1.0 if normalise(completion) == normalise(example.answer) else 0.0
-
-    def reward(self, prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
-        """TRL GRPOTrainer reward: `answer`/`rubric` columns arrive as keyword lists, one per completion."""
-        answers = kwargs.get("answer") or [""] * len(completions)
-        rubrics = kwargs.get("rubric") or ["{}"] * len(completions)
-        out = []
-        for prompt, completion, answer, rubric in zip(prompts, completions, answers, rubrics, strict=True):
-            text = completion if isinstance(completion, str) else completion[-1]["content"]
-            p = prompt if isinstance(prompt, str) else prompt[-1]["content"]
-            r = json.loads(rubric) if isinstance(rubric, str) else rubric
-            out.append(self.score(Example(p, answer, r or None), text))
-        return out
-
-    def reward_func(self) -> Callable[..., list[float]]:
-        """The reward as a plain function named after the domain (TRL logs rewards by __name__)."""
-
-        def f(prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
-            return self.reward(prompts, completions, **kwargs)
-
-        f.__name__ = f"reward_{re.sub(r'[^a-zA-Z0-9_]', '_', self.name)}"
-        return f
 
 
 # One lexicon shared by qa (attribute values) and cw (constrained writing): the shared "word" routes.

@@ -5,7 +5,8 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from crossroute.domains.base import LEXICON, Domain, Example
+from crossroute.domains.base import LEXICON, Example
+from crossroute.domains.domain import Domain
 
 BY_LETTER: dict[str, list[str]] = {}
 for _w in LEXICON:

@@ -11,18 +11,21 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from crossroute.analyze.forgetting import forgetting_summary
+from crossroute.analyze.forgetting import forgetting_summary, paired_summary, per_example_scores
 from crossroute.core.config import load_yaml_mapping, validate_config
 from crossroute.core.console import console
 from crossroute.core.errors import CrossrouteError
 from crossroute.core.rundir import RunDir, open_run
-from crossroute.domains.base import Domain
-from crossroute.domains.files import get_domain
-from crossroute.domains.judge import JudgeConfig, check_endpoint, judge_reward
-from crossroute.measure.evaluate import evaluate_all, scores_json
-from crossroute.model.load import check_checkpoint_dir, load_model, resolve_model_path
+from crossroute.domains.builtin import DEFAULT_DOMAINS
+from crossroute.domains.domain import Domain
+from crossroute.domains.files import build_domains, domains_field, rebase_domains
+from crossroute.domains.judge import JudgeConfig, check_endpoint
+from crossroute.domains.spec import DomainSpec
+from crossroute.measure.evaluate import evaluate_all, scores_json, write_records
+from crossroute.measure.rescore import read_records
+from crossroute.model.load import check_checkpoint_dir, load_model, load_tokenizer, resolve_model_path
 from crossroute.repair.protect import ProtectCallback, ProtectConfig
 from crossroute.train.grpo import grpo_kwargs, make_grpo_config, train_grpo_stage
 
@@ -45,34 +48,65 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = "default"
-    domains: list[str] = Field(default_factory=lambda: ["math", "code", "qa", "cw"])
+    # Every domain, declared once by name: a built-in name, a spec mapping (files, fields, scorer, chat template),
+    # a spec YAML file, or a data file. Stages, refresh and protect refer to these names.
+    domains: dict[str, DomainSpec | str] = Field(default_factory=lambda: {d: d for d in DEFAULT_DOMAINS})
     eval_n: int = Field(100, gt=0)
     train_prompts: int = Field(2000, gt=0)
     seed: int = 0
     grpo: dict[str, Any] = Field(default_factory=dict)
     stages: list[StageConfig] = Field(min_length=1)
     refresh: StageConfig | None = None
-    # An OpenAI-compatible LLM judge that replaces the rule-based rubric of writing (rubric) domains.
+    # An OpenAI-compatible LLM judge: the scorer of every `scorer: judge` domain, as reward and in eval.
     judge: JudgeConfig | None = None
+    _built: dict[str, Domain] | None = PrivateAttr(None)
+
+    @field_validator("domains", mode="before")
+    @classmethod
+    def _domains_form(cls, v: Any) -> Any:
+        return domains_field(v)
 
     @field_validator("domains")
     @classmethod
-    def _known_domains(cls, v: list[str]) -> list[str]:
+    def _some_domains(cls, v: dict[str, Any]) -> dict[str, Any]:
         if not v:
             raise ValueError("at least one domain to evaluate")
-        for d in v:
-            get_domain(d)
         return v
 
     @model_validator(mode="after")
     def _stage_domains(self) -> TrainConfig:
+        names = list(self.domains)
         for i, st in enumerate(self.stages + ([self.refresh] if self.refresh else [])):
             where = f"stages[{i}]" if i < len(self.stages) else "refresh"
             if st.domain not in self.domains:
-                raise ValueError(f"{where}.domain {st.domain!r} is not in domains {self.domains}")
-            if st.protect is not None and st.domain in st.protect.domains:
-                raise ValueError(f"{where}.protect.domains lists the stage's own domain {st.domain!r}")
+                raise ValueError(f"{where}.domain {st.domain!r} is not declared in domains {names}")
+            if st.protect is not None:
+                if st.domain in st.protect.domains:
+                    raise ValueError(f"{where}.protect.domains lists the stage's own domain {st.domain!r}")
+                missing = next((d for d in st.protect.domains if d not in self.domains), None)
+                if missing:
+                    raise ValueError(f"{where}.protect.domains: {missing!r} is not declared in domains {names}")
+        built = self.built_domains()
+        for i, st in enumerate(self.stages + ([self.refresh] if self.refresh else [])):
+            where = f"stages[{i}]" if i < len(self.stages) else "refresh"
+            if not built[st.domain].examples("train", 1):
+                raise ValueError(f"{where}.domain {st.domain!r} has no train rows (only an eval file?); give it a "
+                                 "train file to train on")
+        empty = next((n for n, d in built.items() if not d.examples("eval", 1)), None)
+        if empty:
+            raise ValueError(f"domains.{empty}: no eval rows; give it an eval file (or file: to split one)")
         return self
+
+    @property
+    def domain_names(self) -> list[str]:
+        """The declared domains' names, in order (the forgetting matrix's columns)."""
+        return list(self.domains)
+
+    def built_domains(self) -> dict[str, Domain]:
+        """The declared domains, built once (files read, every reference checked by its scorer)."""
+        if self._built is None:
+            self._built = build_domains(self.domains, judge=self.judge)
+        return self._built
 
 
 def stage_names(cfg: TrainConfig) -> list[str]:
@@ -92,6 +126,8 @@ def stage_names(cfg: TrainConfig) -> list[str]:
 def load_train_config(path: str | Path) -> TrainConfig:
     """Read and validate a train YAML; every error names the file and the field, before any training."""
     raw = load_yaml_mapping(path, "configs/default_sequence.yaml", "stages")
+    if "domains" in raw:  # relative data paths are the config file's
+        raw["domains"] = rebase_domains(raw["domains"], Path(path).expanduser().resolve().parent)
     return parse_train_config(raw, str(Path(path).expanduser()))
 
 
@@ -100,7 +136,8 @@ def parse_train_config(raw: dict[str, Any], where: str = "config") -> TrainConfi
     cfg = validate_config(TrainConfig, raw, where, "domains")
     for i, st in enumerate(cfg.stages + ([cfg.refresh] if cfg.refresh else [])):
         label = f"{where}: stages[{i}]" if i < len(cfg.stages) else f"{where}: refresh"
-        make_grpo_config(grpo_kwargs(cfg.grpo, st.grpo, st.steps, cfg.seed, tempfile.gettempdir()), label)
+        dom = cfg.built_domains()[st.domain]
+        make_grpo_config(domain_grpo_kwargs(cfg, st, dom, tempfile.gettempdir()), label)
     return cfg
 
 
@@ -114,15 +151,17 @@ def _run_stage(cfg: TrainConfig, stage: StageConfig, name: str, init: Path, run:
     """Train one GRPO stage from checkpoint `init` and save it atomically as checkpoints/<name>."""
     work = run.root / ".work" / name
     shutil.rmtree(work, ignore_errors=True)  # a killed stage restarts from its initial checkpoint
-    args = make_grpo_config(grpo_kwargs(cfg.grpo, stage.grpo, stage.steps, cfg.seed, str(work)), f"stage {name}")
-    rows = [e.row() for e in domain.examples("train", cfg.train_prompts, seed=cfg.seed)]
-    reward = judge_reward(cfg.judge) if cfg.judge is not None and domain.kind == "rubric" else domain.reward_func()
+    args = make_grpo_config(domain_grpo_kwargs(cfg, stage, domain, str(work)), f"stage {name}")
+    rows = domain.train_rows(domain.examples("train", cfg.train_prompts, seed=cfg.seed), load_tokenizer(init))
+    reward = domain.reward_func()
     protect = stage.protect
 
     def callbacks(model: Any, tokenizer: Any, args: Any) -> list[Any]:
         if protect is None:
             return []
-        return [ProtectCallback(protect, model, tokenizer, domain, args.learning_rate, stage.steps, seed=cfg.seed)]
+        earlier = [cfg.built_domains()[d] for d in protect.domains]
+        return [ProtectCallback(protect, model, tokenizer, domain, args.learning_rate, stage.steps, seed=cfg.seed,
+                                earlier=earlier)]
 
     done = train_grpo_stage(init, rows, reward, args, run.checkpoint(name), callbacks)
     if done.is_main:
@@ -130,6 +169,18 @@ def _run_stage(cfg: TrainConfig, stage: StageConfig, name: str, init: Path, run:
                                            "seconds": done.seconds, "log": done.log,
                                            **({"protect": done.callbacks[0].summary()} if done.callbacks else {})})
     shutil.rmtree(work, ignore_errors=True)
+
+
+def domain_grpo_kwargs(cfg: TrainConfig, stage: StageConfig, domain: Domain, output_dir: str) -> dict[str, Any]:
+    """GRPOConfig arguments for a stage on `domain`: a file domain's generation budget and chat-template
+    arguments apply unless the run's or the stage's `grpo:` sets them."""
+    given = {**cfg.grpo, **stage.grpo}
+    derived: dict[str, Any] = {}
+    if domain.source != "builtin" and "max_completion_length" not in given:
+        derived["max_completion_length"] = domain.max_new_tokens
+    if domain.chat_template_kwargs and "chat_template_kwargs" not in given:
+        derived["chat_template_kwargs"] = dict(domain.chat_template_kwargs)
+    return grpo_kwargs({**derived, **cfg.grpo}, stage.grpo, stage.steps, cfg.seed, output_dir)
 
 
 def _dist_state(cfg: TrainConfig) -> Any:
@@ -146,9 +197,11 @@ def _evaluate_checkpoint(run: RunDir, name: str, ckpt: Path, cfg: TrainConfig, d
     """Evaluate a stage checkpoint once: on the main process only under a multi-process launch (the
     others wait at a barrier, then read the result file)."""
     state = _dist_state(cfg)
-    if state.is_main_process and run.read_result(f"eval_{name}") is None:
+    records = run.results / f"eval_{name}.jsonl"
+    if state.is_main_process and (run.read_result(f"eval_{name}") is None or not records.exists()):
         loaded = load_model(ckpt)
         scores = evaluate_all(loaded.model, loaded.tokenizer, domains, n=cfg.eval_n)
+        write_records(records, scores)
         run.write_result(f"eval_{name}", {"stage": name, "checkpoint": str(ckpt), **scores_json(scores)})
         del loaded
     state.wait_for_everyone()  # every process reaches this once per checkpoint
@@ -171,8 +224,8 @@ def run_training(cfg: TrainConfig, out: str | Path) -> dict[str, Any]:
     if cfg.judge is not None:
         check_endpoint(cfg.judge)  # a judge that is down fails here, not hours into training
     run = open_train_run(cfg, out, base)
-    domains = [get_domain(d) for d in cfg.domains]
-    by_name = {d.name: d for d in domains}
+    by_name = cfg.built_domains()
+    domains = list(by_name.values())
     names = stage_names(cfg)
     stages = cfg.stages + ([cfg.refresh] if cfg.refresh else [])
     evals = [_evaluate_checkpoint(run, "base", base, cfg, domains)]
@@ -189,10 +242,14 @@ def run_training(cfg: TrainConfig, out: str | Path) -> dict[str, Any]:
         evals.append(_evaluate_checkpoint(run, name, ckpt, cfg, domains))
         prev = ckpt
     rows = ["base"] + names
-    matrix = [[e["scores"][d] for d in cfg.domains] for e in evals]
+    matrix = [[e["scores"][d] for d in cfg.domain_names] for e in evals]
     refresh_row = len(rows) - 1 if cfg.refresh else None
-    result = {"rows": rows, "domains": cfg.domains, "matrix": matrix,
-              **forgetting_summary(rows, matrix, cfg.domains, [s.domain for s in cfg.stages], refresh_row)}
+    trained = [s.domain for s in cfg.stages]
+    per_row = [per_example_scores(read_records(run.results / f"eval_{r}.jsonl")) for r in rows]
+    result = {"rows": rows, "domains": cfg.domain_names, "matrix": matrix,
+              "ci": [[e.get("ci", {}).get(d) for d in cfg.domain_names] for e in evals],
+              **forgetting_summary(rows, matrix, cfg.domain_names, trained, refresh_row),
+              "paired": paired_summary(rows, per_row, cfg.domain_names, trained, refresh_row)}
     run.write_result("forgetting", result)
     return result
 

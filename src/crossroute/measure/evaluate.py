@@ -1,28 +1,82 @@
-"""Greedy-decoding evaluation: each domain's held-out score in [0, 100]."""
+"""Greedy-decoding evaluation: each domain's held-out score in [0, 100], with one record per example.
+
+Prompts are tokenised exactly as TRL's GRPOTrainer tokenises them (`Domain.prompt_ids`: the same chat template,
+the same special tokens), so a domain is scored on the prompts it was trained on. Every example's prompt,
+completion, reference and score is kept (`DomainScore.records`), written to results/eval_<name>.jsonl, and
+`crossroute rescore` can score the saved completions again with a changed verifier.
+"""
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from crossroute.core.atomic import atomic_write_text
 from crossroute.core.console import progress_bar
-from crossroute.domains.base import Domain
+from crossroute.domains.base import Example
+from crossroute.domains.domain import Domain
+from crossroute.measure.stats import mean_ci
+
+N_SAMPLES = 5  # records shown in scores.json / the report; every record goes to the JSONL
 
 
 @dataclass
 class DomainScore:
-    """A domain's held-out score (mean per-example score x 100) and a few samples to read."""
+    """A domain's held-out score (mean per-example score x 100), its 95 % bootstrap CI [lo, hi] over prompts,
+    and every example's record."""
 
     domain: str
     score: float
     n: int
+    lo: float = float("nan")
+    hi: float = float("nan")
     samples: list[dict[str, Any]] = field(default_factory=list)
+    records: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    description: str = ""
+    scorer: str = ""
 
 
 @torch.inference_mode()
+def generate_greedy_ids(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: list[list[int]],
+    max_new_tokens: int,
+    batch_size: int = 128,
+) -> list[str]:
+    """Greedy completions for tokenised prompts (left-padded batches of similar length), specials stripped."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    out: list[str] = [""] * len(prompt_ids)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        width = max(len(prompt_ids[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            p = prompt_ids[i]
+            ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[row, width - len(p):] = 1
+        gen = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        texts = tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
+        for i, t in zip(idx, texts, strict=True):
+            out[i] = t
+    return out
+
+
 def generate_greedy(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -30,24 +84,38 @@ def generate_greedy(
     max_new_tokens: int,
     batch_size: int = 128,
 ) -> list[str]:
-    """Greedy completions for `prompts` (left-padded batches), special tokens stripped."""
-    device = next(model.parameters()).device
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths batch together
-    out: list[str] = [""] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True).to(device)
-        gen = model.generate(
-            **enc,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        for i, t in zip(idx, texts, strict=True):
-            out[i] = t
-    return out
+    """Greedy completions for raw-text prompts (tokenised with the tokenizer's default special tokens)."""
+    ids = [list(tokenizer(text=p)["input_ids"]) for p in prompts]
+    return generate_greedy_ids(model, tokenizer, ids, max_new_tokens, batch_size)
+
+
+def example_record(domain: Domain, example: Example, prompt_text: str, completion: str, score: float,
+                   index: int) -> dict[str, Any]:
+    """One evaluated example: what was asked, what the model said, what it was scored against, and the score."""
+    rec: dict[str, Any] = {"domain": domain.name, "index": index, "id": example.id, "prompt": prompt_text,
+                           "completion": completion, "score": score, "answer": example.answer}
+    if example.answers:
+        rec["answers"] = list(example.answers)
+    if example.tests:
+        rec["tests"] = example.tests
+    if example.entry_point:
+        rec["entry_point"] = example.entry_point
+    if example.rubric is not None:
+        rec["rubric"] = example.rubric
+    if example.messages is not None:
+        rec["messages"] = [dict(m) for m in example.messages]
+    if example.prompt != prompt_text:
+        rec["user_prompt"] = example.prompt
+    return rec
+
+
+def record_example(rec: dict[str, Any]) -> Example:
+    """The Example an eval record was scored against (for re-scoring saved completions)."""
+    msgs = rec.get("messages")
+    return Example(str(rec.get("user_prompt", rec.get("prompt", ""))), str(rec.get("answer", "")),
+                   rec.get("rubric"), "eval", tuple(rec.get("answers") or ()), str(rec.get("tests", "")),
+                   str(rec.get("entry_point", "")), tuple(msgs) if msgs else None, str(rec.get("id", "")),
+                   f"record {rec.get('index', '?')}")
 
 
 def evaluate_domain(
@@ -56,18 +124,23 @@ def evaluate_domain(
     domain: Domain,
     n: int = 100,
     seed: int = 0,
-    n_samples: int = 5,
+    n_samples: int = N_SAMPLES,
 ) -> DomainScore:
-    """Score `domain` on `n` held-out prompts with greedy decoding."""
+    """Score `domain` on `n` held-out prompts with greedy decoding, keeping every example's record."""
     examples = domain.examples("eval", n, seed=seed)
-    completions = generate_greedy(model, tokenizer, [e.prompt for e in examples], domain.max_new_tokens)
-    scores = [domain.score(e, c) for e, c in zip(examples, completions, strict=True)]
-    samples = [
-        {"prompt": e.prompt, "reference": e.answer, "completion": c, "score": s}
-        for e, c, s in list(zip(examples, completions, scores, strict=True))[:n_samples]
-    ]
+    ids = [domain.prompt_ids(e, tokenizer) for e in examples]
+    completions = generate_greedy_ids(model, tokenizer, ids, domain.max_new_tokens)
+    scores = domain.score_batch(examples, completions)
+    texts = [domain.plain_prompt(e) if not domain.uses_chat(tokenizer) else tokenizer.decode(i) for e, i in
+             zip(examples, ids, strict=True)]
+    records = [example_record(domain, e, t, c, s, k)
+               for k, (e, t, c, s) in enumerate(zip(examples, texts, completions, scores, strict=True))]
+    samples = [{"prompt": r["prompt"], "reference": r["answer"], "completion": r["completion"], "score": r["score"]}
+               for r in records[:n_samples]]
+    est = mean_ci(scores)
     mean = 100.0 * sum(scores) / len(scores) if scores else 0.0
-    return DomainScore(domain.name, round(mean, 4), len(scores), samples)
+    return DomainScore(domain.name, round(mean, 4), len(scores), est.lo, est.hi, samples, records,
+                       domain.description, domain.kind)
 
 
 def evaluate_all(
@@ -93,5 +166,14 @@ def evaluate_all(
 
 
 def scores_json(scores: dict[str, DomainScore]) -> dict[str, Any]:
-    """JSON form of an evaluation: {"scores": {domain: score}, "details": {...}}."""
-    return {"scores": {k: v.score for k, v in scores.items()}, "details": {k: asdict(v) for k, v in scores.items()}}
+    """JSON form of an evaluation: {"scores": {domain: score}, "ci": {domain: [lo, hi]}, "details": {...}}
+    (the per-example records go to the JSONL)."""
+    details = {k: {kk: vv for kk, vv in asdict(v).items() if kk != "records"} for k, v in scores.items()}
+    return {"scores": {k: v.score for k, v in scores.items()}, "ci": {k: [v.lo, v.hi] for k, v in scores.items()},
+            "n": {k: v.n for k, v in scores.items()}, "details": details}
+
+
+def write_records(path: str | Path, scores: dict[str, DomainScore]) -> Path:
+    """Every evaluated example of every domain as one JSON line each, written atomically."""
+    lines = [json.dumps(r, ensure_ascii=False) for s in scores.values() for r in s.records]
+    return atomic_write_text(path, "\n".join(lines) + ("\n" if lines else ""))

@@ -12,7 +12,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from crossroute.core.console import progress_bar
 from crossroute.core.errors import CrossrouteError
-from crossroute.domains.base import Domain, Example
+from crossroute.domains.base import Example
+from crossroute.domains.domain import Domain
 from crossroute.domains.files import get_domain
 from crossroute.measure.batches import collate, encode_pair
 

@@ -22,13 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from crossroute.core.config import load_yaml_mapping, validate_config
 from crossroute.core.console import console
 from crossroute.core.rundir import RunDir, open_run
-from crossroute.domains.base import Domain
-from crossroute.domains.files import get_domain
+from crossroute.domains.domain import Domain
+from crossroute.domains.files import build_domains, domains_field, get_domain, rebase_domains
+from crossroute.domains.spec import DomainSpec
 from crossroute.measure.evaluate import evaluate_all
 from crossroute.model.load import check_checkpoint_dir, load_model
 from crossroute.repair.merge import (
@@ -52,6 +53,9 @@ class CpiftConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = "default"
+    # Domains declared by name (spec mappings, spec files or data files, as in a train config); a task that is
+    # not declared here is resolved as a built-in name, a file or NAME=PATH.
+    domains: dict[str, DomainSpec | str] = Field(default_factory=dict)
     tasks: list[str] = Field(default_factory=lambda: ["math", "code", "qa", "cw"])
     eval_n: int = Field(100, gt=0)
     train_prompts: int = Field(2000, gt=0)
@@ -66,6 +70,7 @@ class CpiftConfig(BaseModel):
     omega: float = Field(0.5, ge=0, le=1)
     slerp_eps: float = Field(DEFAULT_EPS, gt=0, lt=1)
     sft: dict[str, Any] = Field(default_factory=dict)
+    _built: list[Domain] | None = PrivateAttr(None)
 
     @field_validator("tasks")
     @classmethod
@@ -74,9 +79,24 @@ class CpiftConfig(BaseModel):
             raise ValueError("CPI-FT needs at least two tasks")
         if len(set(v)) != len(v):
             raise ValueError("tasks must be distinct")
-        for d in v:
-            get_domain(d)
         return v
+
+    @field_validator("domains", mode="before")
+    @classmethod
+    def _domains_form(cls, v: Any) -> Any:
+        return domains_field(v) if v else {}
+
+    @model_validator(mode="after")
+    def _tasks_resolve(self) -> CpiftConfig:
+        self.task_domains()
+        return self
+
+    def task_domains(self) -> list[Domain]:
+        """Each task's Domain: a declared one by name, else a built-in name, file or NAME=PATH (built once)."""
+        if self._built is None:
+            declared = build_domains(self.domains)
+            self._built = [declared[t] if t in declared else get_domain(t) for t in self.tasks]
+        return self._built
 
 
 def parse_cpift_config(raw: dict[str, Any], where: str = "config") -> CpiftConfig:
@@ -90,6 +110,8 @@ def parse_cpift_config(raw: dict[str, Any], where: str = "config") -> CpiftConfi
 def load_cpift_config(path: str | Path) -> CpiftConfig:
     """Read and validate a CPI-FT YAML before any training."""
     raw = load_yaml_mapping(path, "configs/cpift_default.yaml", "model, tasks, steps")
+    if raw.get("domains"):  # relative data paths are the config file's
+        raw["domains"] = rebase_domains(raw["domains"], Path(path).expanduser().resolve().parent)
     return parse_cpift_config(raw, str(Path(path).expanduser()))
 
 
@@ -168,7 +190,7 @@ def freeze_mask_for(model_path: Path, cores: list[dict[str, torch.Tensor]]) -> d
 class _Runner:
     def __init__(self, cfg: CpiftConfig, run: RunDir, base: Path) -> None:
         self.cfg, self.run, self.base = cfg, run, base
-        self.domains = [get_domain(d) for d in cfg.tasks]
+        self.domains = cfg.task_domains()
         self.train_log: dict[str, Any] = run.read_result("cpift_train") or {}
 
     def sft(self, name: str, init: Path, domains: list[Domain], steps: int,

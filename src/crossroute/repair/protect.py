@@ -41,13 +41,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
 from crossroute.analyze.damage import attribution
 from crossroute.analyze.subspace import lanczos, shared_units
 from crossroute.core.errors import CrossrouteError
-from crossroute.domains.base import Domain
+from crossroute.domains.domain import Domain
 from crossroute.domains.files import get_domain
 from crossroute.measure.hvp import grad_and_hvp
 from crossroute.measure.proxy import domain_examples, gradient_and_loss, make_batches
@@ -72,12 +72,6 @@ class ProtectConfig(BaseModel):
     q: float = Field(10.0, gt=0, le=100)  # routes: top-q % most active units per layer are active
     lanczos_k: int = Field(0, ge=0)  # project: Lanczos steps (0: 2 · rank)
 
-    @field_validator("domains")
-    @classmethod
-    def _known(cls, v: list[str]) -> list[str]:
-        for d in v:
-            get_domain(d)
-        return v
 
 
 # ----------------------------------------------------------------------------- selection
@@ -205,12 +199,13 @@ class ProtectCallback(TrainerCallback):
     """Applies a ProtectConfig to `model` during a Trainer/GRPOTrainer run (module docstring)."""
 
     def __init__(self, cfg: ProtectConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                 current: Domain | str, learning_rate: float, steps: int, seed: int = 0) -> None:
+                 current: Domain | str, learning_rate: float, steps: int, seed: int = 0,
+                 earlier: list[Domain] | None = None) -> None:
         self.cfg = cfg
         self.model = model
         self.tokenizer = tokenizer
         self.current = get_domain(current) if isinstance(current, str) else current
-        self.earlier = [get_domain(d) for d in cfg.domains]
+        self.earlier = earlier if earlier is not None else [get_domain(d) for d in cfg.domains]
         if self.current.name in cfg.domains:
             raise CrossrouteError(f"protect.domains lists the stage's own domain {self.current.name!r}.")
         self.lr = float(learning_rate)

@@ -34,7 +34,7 @@ from crossroute.analyze.damage import attribution, param_delta, torch_threads
 from crossroute.analyze.subspace import shared_units
 from crossroute.core.errors import CrossrouteError
 from crossroute.core.rundir import RunDir, result_name
-from crossroute.domains.base import Domain
+from crossroute.domains.domain import Domain
 from crossroute.domains.files import as_domains, get_domain
 from crossroute.measure.evaluate import evaluate_domain
 from crossroute.measure.hvp import grad_and_hvp

@@ -26,9 +26,30 @@ def print_forgetting(result: dict) -> None:
     console.print(f"forgetting per domain: { {k: round(v, 2) for k, v in result['forgetting'].items()} }; "
                   f"BWT {result['backward_transfer']:.2f}; average {result['average_base']:.2f} -> "
                   f"{result['average_final']:.2f}")
+    if "paired" in result:
+        console.print(paired_table("forgetting between named rows (paired over the same prompts)",
+                                   {d: v for d, v in result["paired"]["forgetting"].items()}, label="from -> to"))
     if "refresh" in result:
         r = result["refresh"]
         share = "n/a (nothing lost)" if r["recovery_share"] is None else f"{100 * r['recovery_share']:.0f}%"
         console.print(f"refresh {r['domain']}: {r['before']:.2f} -> {r['after']:.2f} (peak {r['peak']:.2f}, "
                       f"recovered {share}); others: { {k: round(v, 2) for k, v in r['others_change'].items()} }; "
                       f"average -> {r['average_after']:.2f}")
+
+
+def fmt_diff(d: dict) -> str:
+    """'+4.00 [+1.10, +6.90] p=0.006' for a paired difference's JSON (a '*' where the CI excludes 0)."""
+    star = "*" if d.get("significant") else ""
+    return f"{d['value']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}] p={d['p']:.3g}{star}"
+
+
+def paired_table(title: str, diffs: dict[str, dict], label: str = "") -> Table:
+    """A rich table of paired differences: value, 95 % CI, p-value, n and the test."""
+    t = Table(title=title)
+    for c in ("", label, "difference", "95% CI", "p", "n", "test"):
+        t.add_column(c, justify="right" if c in ("difference", "95% CI", "p", "n") else "left")
+    for name, d in diffs.items():
+        rows = f"{d['from']} -> {d['to']}" if "from" in d else d.get("domain", "")
+        t.add_row(name, rows, f"{d['value']:+.2f}{'*' if d.get('significant') else ''}",
+                  f"[{d['lo']:+.2f}, {d['hi']:+.2f}]", f"{d['p']:.3g}", str(d["n"]), d["test"])
+    return t

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from crossroute.core.errors import CrossrouteError
-from crossroute.domains.base import Domain
+from crossroute.domains.domain import Domain
 from crossroute.model.load import load_model, save_model
 
 # SFTConfig fields crossroute sets itself; users may not override them.

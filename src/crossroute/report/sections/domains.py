@@ -16,10 +16,12 @@ def render(run: RunDir) -> str | None:
         return None
     rows = []
     for name, detail in ev["details"].items():
-        try:
-            desc = get_domain(name).description
-        except CrossrouteError:
-            desc = "(not resolvable here)"
+        desc = detail.get("description")
+        if not desc:
+            try:
+                desc = get_domain(name).description
+            except CrossrouteError:
+                desc = "(not resolvable here)"
         sample = (detail.get("samples") or [{}])[0]
         rows.append([name, desc, sample.get("prompt", ""), sample.get("reference", "")])
     return section("Domains", table(["domain", "what it tests", "example prompt", "reference"], rows))

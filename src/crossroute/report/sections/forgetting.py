@@ -25,6 +25,15 @@ def render(run: RunDir) -> str | None:
                                                                                                     strict=True)])
     body += table(["", *doms], [["peak", *[float(res["peak"][d]) for d in doms]],
                                 ["forgetting", *[float(res["forgetting"][d]) for d in doms]]])
+    if "paired" in res:
+        pf = res["paired"]["forgetting"]
+        body += ("<p>Forgetting between named rows (the score right after the domain's own stage, or the base for "
+                 "an untrained domain, minus the end of the sequence), paired over the same prompts: 95 % bootstrap "
+                 "CI and p-value (McNemar for 0/1 scores); * marks a CI that excludes 0. The max-based figure above "
+                 "is biased upward by the max over noisy rows.</p>")
+        body += table(["domain", "from", "to", "forgetting", "CI low", "CI high", "p", "n"],
+                      [[d, v["from"], v["to"], f"{v['value']:+.2f}{'*' if v.get('significant') else ''}",
+                        float(v["lo"]), float(v["hi"]), float(v["p"]), v["n"]] for d, v in pf.items()])
     body += (f"<p>Backward transfer {res['backward_transfer']:.2f}; average over domains "
              f"{res['average_base']:.2f} (base) -> {res['average_final']:.2f} (end of sequence). "
              "Own-stage gains: " + ", ".join(f"{k} {v:+.2f}" for k, v in res["own_stage_gain"].items()) + ".</p>")

@@ -1,0 +1,48 @@
+"""`crossroute rescore`: score saved completions again with a (changed) verifier, without new generations."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from crossroute.core.atomic import atomic_write_text
+from crossroute.core.errors import CrossrouteError
+from crossroute.domains.domain import Domain
+from crossroute.domains.jsonl import iter_jsonl
+from crossroute.measure.evaluate import record_example
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """Eval records (one JSON object per line, as results/eval_<name>.jsonl holds them)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CrossrouteError(f"{path}: no such records file; eval writes them to RUN/results/eval_<name>.jsonl.")
+    out = []
+    for lineno, rec in iter_jsonl(path):
+        if not isinstance(rec.get("completion"), str):
+            raise CrossrouteError(f"{path}:{lineno}: field 'completion' must be a string (an eval record).")
+        out.append(rec)
+    if not out:
+        raise CrossrouteError(f"{path}: no records.")
+    return out
+
+
+def rescore(records: list[dict[str, Any]], domain: Domain, where: str = "records") -> list[dict[str, Any]]:
+    """The records scored again by `domain`'s scorer (thinking removed as the domain says); old score kept.
+
+    When the records hold several domains, only those named like `domain` are scored."""
+    names = {str(r.get("domain", "")) for r in records}
+    chosen = [r for r in records if r.get("domain") == domain.name] if len(names) > 1 else records
+    if not chosen:
+        raise CrossrouteError(f"{where}: no records of domain {domain.name!r}; the file holds "
+                              f"{', '.join(sorted(names))}; pass NAME=SPEC with one of those names.")
+    examples = [record_example(r) for r in chosen]
+    scores = domain.score_batch(examples, [r["completion"] for r in chosen])
+    return [{**r, "previous_score": r.get("score"), "score": s, "scorer": domain.kind}
+            for r, s in zip(chosen, scores, strict=True)]
+
+
+def write_rescored(path: str | Path, records: list[dict[str, Any]]) -> Path:
+    """The re-scored records, one JSON object per line, written atomically."""
+    return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))

@@ -1,0 +1,128 @@
+"""Uncertainty for every score and every difference: bootstrap CIs over prompts, paired tests between checkpoints.
+
+A score is the mean of per-example scores in [0, 1], reported in points (x100). Its 95 % CI is the percentile
+bootstrap over prompts. A difference between two checkpoints on the same prompts is paired: its CI is the
+bootstrap of the per-prompt differences, its p-value McNemar's exact test when both outcomes are 0/1 (the
+discordant pairs are Binomial(n, 1/2) under no difference), else a two-sided sign-flip permutation test.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+LEVEL = 0.95
+N_BOOT = 2000
+N_PERM = 10000
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A score in points with its CI (`lo`, `hi`) over `n` examples."""
+
+    value: float
+    lo: float
+    hi: float
+    n: int
+    method: str = "bootstrap"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Difference:
+    """A paired difference `b - a` in points, its CI, its two-sided p-value and the test that gave it."""
+
+    value: float
+    lo: float
+    hi: float
+    p: float
+    n: int
+    test: str
+
+    @property
+    def significant(self) -> bool:
+        """Whether the CI excludes 0."""
+        return self.lo > 0 or self.hi < 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "significant": self.significant}
+
+
+def _rng(seed: int) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def _boot_means(x: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+    idx = _rng(seed).integers(0, len(x), size=(n_boot, len(x)))
+    return x[idx].mean(axis=1)
+
+
+def _percentile(means: np.ndarray, level: float) -> tuple[float, float]:
+    a = (1 - level) / 2
+    lo, hi = np.quantile(means, [a, 1 - a])
+    return float(lo), float(hi)
+
+
+def mean_ci(x: Sequence[float], level: float = LEVEL, n_boot: int = N_BOOT, seed: int = 0) -> Estimate:
+    """Mean of per-example scores in [0, 1] as points, with a percentile-bootstrap CI over examples."""
+    arr = np.asarray(x, dtype=np.float64)
+    if arr.size == 0:
+        return Estimate(float("nan"), float("nan"), float("nan"), 0)
+    lo, hi = _percentile(_boot_means(arr, n_boot, seed), level)
+    return Estimate(round(100 * float(arr.mean()), 4), round(100 * lo, 4), round(100 * hi, 4), int(arr.size))
+
+
+def mcnemar_p(a: Sequence[float], b: Sequence[float]) -> float:
+    """Exact two-sided McNemar p-value for paired 0/1 outcomes (binomial test on the discordant pairs)."""
+    n01 = sum(1 for x, y in zip(a, b, strict=True) if x == 0 and y == 1)
+    n10 = sum(1 for x, y in zip(a, b, strict=True) if x == 1 and y == 0)
+    n = n01 + n10
+    if n == 0:
+        return 1.0
+    k = min(n01, n10)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def sign_flip_p(d: Sequence[float], n_perm: int = N_PERM, seed: int = 0) -> float:
+    """Two-sided p-value of mean(d) = 0 by random sign flips of the paired differences (with the +1 correction)."""
+    arr = np.asarray(d, dtype=np.float64)
+    if arr.size == 0 or not np.any(arr):
+        return 1.0
+    obs = abs(arr.mean())
+    signs = _rng(seed).choice([-1.0, 1.0], size=(n_perm, arr.size))
+    null = np.abs((signs * arr).mean(axis=1))
+    return float((1 + np.sum(null >= obs - 1e-12)) / (n_perm + 1))
+
+
+def _binary(x: Sequence[float]) -> bool:
+    return all(v in (0.0, 1.0) for v in x)
+
+
+def paired_diff(a: Sequence[float], b: Sequence[float], level: float = LEVEL, n_boot: int = N_BOOT,
+                seed: int = 0) -> Difference:
+    """`b - a` in points over paired examples: bootstrap CI of the mean difference, McNemar or sign-flip p."""
+    if len(a) != len(b):
+        raise ValueError(f"paired scores need equal lengths, got {len(a)} and {len(b)}")
+    if len(a) == 0:
+        return Difference(float("nan"), float("nan"), float("nan"), float("nan"), 0, "none")
+    d = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
+    lo, hi = _percentile(_boot_means(d, n_boot, seed), level)
+    if _binary(a) and _binary(b):
+        p, test = mcnemar_p(a, b), "mcnemar_exact"
+    else:
+        p, test = sign_flip_p(d, seed=seed), "sign_flip"
+    return Difference(round(100 * float(d.mean()), 4), round(100 * lo, 4), round(100 * hi, 4), round(p, 6),
+                      int(d.size), test)
+
+
+def paired_by_key(a: dict[str, float], b: dict[str, float]) -> tuple[list[float], list[float]]:
+    """Two checkpoints' per-example scores aligned on the examples both scored (by prompt key)."""
+    keys = [k for k in a if k in b]
+    return [a[k] for k in keys], [b[k] for k in keys]

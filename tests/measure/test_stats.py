@@ -1,0 +1,70 @@
+"""Scores' CIs and paired differences, checked against values computed another way."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from crossroute.measure.stats import mcnemar_p, mean_ci, paired_diff, sign_flip_p
+
+
+def test_mcnemar_hand_computed() -> None:
+    # 1 pair 0->1, 9 pairs 1->0, 5 ties: p = 2 * P(Bin(10, 1/2) <= 1) = 2 * 11 / 1024
+    a = [0] + [1] * 9 + [1] * 5
+    b = [1] + [0] * 9 + [1] * 5
+    assert mcnemar_p(a, b) == pytest.approx(2 * 11 / 1024)
+    assert mcnemar_p([1, 0], [1, 0]) == 1.0
+    d = paired_diff(a, b)
+    assert d.test == "mcnemar_exact" and d.p == pytest.approx(2 * 11 / 1024, abs=1e-6)
+    assert d.value == pytest.approx(100 * (1 - 9) / 15, abs=1e-3)
+
+
+def test_bootstrap_ci_matches_the_normal_approximation_at_large_n() -> None:
+    rng = np.random.default_rng(1)
+    x = (rng.random(2000) < 0.3).astype(float)
+    est = mean_ci(x, n_boot=4000)
+    p = x.mean()
+    half = 100 * 1.959964 * math.sqrt(p * (1 - p) / len(x))
+    assert est.value == pytest.approx(100 * p, abs=1e-3)
+    assert est.lo == pytest.approx(100 * p - half, abs=0.35)
+    assert est.hi == pytest.approx(100 * p + half, abs=0.35)
+
+
+def test_paired_ci_is_narrower_than_unpaired_for_correlated_scores() -> None:
+    rng = np.random.default_rng(2)
+    a = (rng.random(500) < 0.5).astype(float)
+    b = a.copy()
+    flip = rng.random(500) < 0.06
+    b[flip] = 1 - b[flip]
+    d = paired_diff(a, b)
+    se_unpaired = 100 * math.sqrt(0.25 / 500 * 2)
+    assert (d.hi - d.lo) < 2 * 1.96 * se_unpaired / 2
+
+
+def test_sign_flip_exact_case() -> None:
+    # all 10 differences positive: the exact two-sided p is 2 / 2**10
+    p = sign_flip_p([0.5] * 10, n_perm=20000)
+    assert p == pytest.approx(2 / 1024, abs=0.0015)
+    d = paired_diff([0.0] * 10, [0.5] * 10)
+    assert d.test == "sign_flip" and d.significant and d.value == 50.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from([0.0, 0.25, 0.5, 1.0]), min_size=1, max_size=60))
+def test_ci_brackets_the_mean(x: list[float]) -> None:
+    est = mean_ci(x, n_boot=200)
+    assert est.lo - 1e-9 <= est.value <= est.hi + 1e-9
+    assert 0.0 <= est.lo and est.hi <= 100.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([0.0, 1.0]), st.sampled_from([0.0, 1.0])), min_size=1, max_size=60))
+def test_paired_diff_is_antisymmetric(pairs: list[tuple[float, float]]) -> None:
+    a, b = [p[0] for p in pairs], [p[1] for p in pairs]
+    ab, ba = paired_diff(a, b, n_boot=200), paired_diff(b, a, n_boot=200)
+    assert ab.value == pytest.approx(-ba.value, abs=1e-9)
+    assert ab.p == pytest.approx(ba.p) and 0.0 < ab.p <= 1.0
