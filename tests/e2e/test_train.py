@@ -33,7 +33,8 @@ def tiny_config(model: Path, steps: int = 2) -> dict[str, Any]:
     "patch, needle",
     [
         ({"stagez": []}, "field stagez: unknown field"),
-        ({"stages": [{"domain": "chess", "steps": 1}]}, "cfg.yaml: stages[0].domain 'chess' is not declared in domains"),
+        ({"stages": [{"domain": "chess", "steps": 1}]},
+         "cfg.yaml: stages[0].domain 'chess' is not declared in domains"),
         ({"domains": ["math", "chess"]}, "field domains: unknown domain 'chess'"),
         ({"stages": [{"domain": "math", "steps": 0}]}, "field stages.0.steps"),
         ({"stages": [{"domain": "math", "steps": 1, "lr": 1}]}, "field stages.0.lr: unknown field"),

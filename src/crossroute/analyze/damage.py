@@ -243,7 +243,7 @@ def damage(
     model, tok = lb.model, lb.tokenizer
     names = params_in_layers(model, layers) if layers is not None else None
     delta = param_delta(model, la.model, names)
-    batches = make_batches(tok, domain_examples(da, n, seed, split), batch_size)
+    batches = make_batches(tok, domain_examples(da, n, seed, split), batch_size, da)
     loss_after = (mean_proxy_loss(la.model, batches) if names is None
                   else _loss_moved(model, batches, delta))  # L(θ_A + δ_S)
     after_path = str(la.path)

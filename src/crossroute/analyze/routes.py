@@ -196,7 +196,7 @@ def measure_activity(
 ) -> dict[str, torch.Tensor]:
     """Mean activity per unit on `n` prompt+reference-answer sequences of `domain` (see above)."""
     examples = domain_examples(domain, n, seed, split, need_answer=False)
-    batches = make_batches(tokenizer, examples, batch_size)
+    batches = make_batches(tokenizer, examples, batch_size, domain if isinstance(domain, Domain) else None)
     name = domain if isinstance(domain, str) else domain.name
     return activity_from_batches(model, batches, show_progress, f"routes {name}")[0]
 
@@ -427,7 +427,7 @@ def run_routes(
     tokens: dict[str, int] = {}
     for d in doms:
         ex = domain_examples(d, n, seed, split, need_answer=False)
-        batches = make_batches(loaded.tokenizer, ex, batch_size)
+        batches = make_batches(loaded.tokenizer, ex, batch_size, d)
         activity[d.name], tokens[d.name] = activity_from_batches(
             loaded.model, batches, show_progress, f"routes {d.name}", umap=umap)
     sets = {d: umap.with_kv_groups(active_sets(a, q)) for d, a in activity.items()}

@@ -57,6 +57,7 @@ _BOXED_BARE = re.compile(r"\\boxed\s+([^\s{}$]+)")
 _ANSWER_IS = re.compile(r"\banswer\s*(?:is\b\s*:?|:)\s*(.*)", re.IGNORECASE)
 _NUMBER = re.compile(r"(?:(?<![\w)\]}])-)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+)?")
 _SENTENCE_END = re.compile(r"\.(?=\s|$)|\n")
+_MATH_SPAN = re.compile(r"\$\$(.+?)\$\$|\$([^$]+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.DOTALL)
 
 
 def _balanced(text: str, start: int) -> str | None:
@@ -104,7 +105,8 @@ def _clean(candidate: str) -> str | None:
 
 def extract_math_answer(text: str) -> str | None:
     """The final answer in a solution: last `\\boxed{}`, else after the last `####`, else "the answer is X" /
-    "answer: X", else the last number in the text; None when there is none."""
+    "answer: X", else the last `$...$` formula when no number follows it, else a bare LaTeX completion
+    (`\\frac12`), else the last number in the text; None when there is none."""
     boxed = last_boxed(text)
     if boxed is not None:
         return _clean(boxed)
@@ -120,6 +122,15 @@ def extract_math_answer(text: str) -> str | None:
         got = _clean(rest[: end.start()] if end else rest)
         if got:
             return got
+    spans = list(_MATH_SPAN.finditer(text))
+    if spans:
+        last = spans[-1]
+        body = _clean(next(g for g in last.groups() if g is not None))
+        if body and not _has_words(body) and not _NUMBER.search(text, last.end()):
+            return body  # "... is $\frac{1}{2}$.": the expression, not its last digit
+    bare = text.strip()
+    if "\\" in bare and len(bare) <= 200 and not _has_words(bare):
+        return _clean(bare)  # the completion is a bare LaTeX answer such as \frac12
     numbers = _NUMBER.findall(text)
     return re.sub(r"\s+", "", numbers[-1]) if numbers else None
 

@@ -53,7 +53,7 @@ def build_program(example_prompt: str, code: str, entry_point: str) -> str:
     first = next((line for line in code.splitlines() if line.strip()), "")
     if first and not first[0].isspace():
         code = "\n".join(f"    {line}" if line.strip() else line for line in code.splitlines())
-    return prompt.rstrip("\r\n") + "\n" + code + "\n"
+    return prompt.rstrip("\r\n") + "\n" + code.rstrip("\r\n") + "\n"
 
 
 def build_tests(tests: str, entry_point: str) -> str:

@@ -11,10 +11,14 @@ Pair = tuple[list[int], list[int]]
 def encode_pair(tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str) -> Pair:
     """Ids of prompt (with the tokenizer's special tokens) + answer + eos, and labels that are -100 on
     the prompt, so only the answer and eos are trained or scored."""
-    p = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    return encode_answer(tokenizer, list(tokenizer(prompt, add_special_tokens=True)["input_ids"]), answer)
+
+
+def encode_answer(tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int], answer: str) -> Pair:
+    """Already tokenised prompt + answer + eos, labels -100 on the prompt."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     a = list(tokenizer(answer, add_special_tokens=False)["input_ids"]) + eos
-    return p + a, [-100] * len(p) + a
+    return list(prompt_ids) + a, [-100] * len(prompt_ids) + a
 
 
 def collate(batch: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:

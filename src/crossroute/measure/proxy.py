@@ -7,6 +7,8 @@ modules conflict (cos < 0) or synergise (cos > 0) and cancel in the aggregate.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -15,7 +17,7 @@ from crossroute.core.errors import CrossrouteError
 from crossroute.domains.base import Example
 from crossroute.domains.domain import Domain
 from crossroute.domains.files import get_domain
-from crossroute.measure.batches import collate, encode_pair
+from crossroute.measure.batches import collate, encode_answer, encode_pair
 
 Batch = dict[str, torch.Tensor]
 
@@ -24,9 +26,10 @@ Batch = dict[str, torch.Tensor]
 
 
 def make_batches(
-    tokenizer: PreTrainedTokenizerBase, examples: list[Example], batch_size: int
+    tokenizer: PreTrainedTokenizerBase, examples: list[Example], batch_size: int, domain: Domain | None = None
 ) -> list[Batch]:
-    """Tokenise prompt+answer+eos, right-padded into batches; labels are -100 on prompt and pad.
+    """Tokenise prompt+answer+eos, right-padded into batches; labels are -100 on prompt and pad. With `domain`,
+    the prompt is tokenised as the domain shows it (chat template, system prompt), as in GRPO and eval.
 
     Right padding keeps every real token at its unpadded position and never masks a whole row, so
     results do not depend on how examples are grouped. Examples are grouped by length (stable).
@@ -34,7 +37,11 @@ def make_batches(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    seqs = sorted((encode_pair(tokenizer, ex.prompt, ex.answer) for ex in examples), key=lambda s: len(s[0]))
+    if domain is None:
+        pairs = [encode_pair(tokenizer, ex.prompt, ex.answer) for ex in examples]
+    else:
+        pairs = [encode_answer(tokenizer, domain.prompt_ids(ex, tokenizer), ex.answer) for ex in examples]
+    seqs = sorted(pairs, key=lambda s: len(s[0]))
     return [collate(seqs[i : i + batch_size], pad or 0) for i in range(0, len(seqs), batch_size)]
 
 
@@ -100,7 +107,7 @@ def domain_examples(
             raise CrossrouteError(
                 f"domain {dom.name!r} ({dom.source}) has rubrics but no reference answers; the "
                 "proxy loss needs a JSONL domain with 'answer' fields.")
-        examples = [Example(e.prompt, "", e.rubric, e.split) for e in examples]
+        examples = [dataclasses.replace(e, answer="") for e in examples]
     return examples
 
 
@@ -135,7 +142,8 @@ def gradient_and_loss(
 ) -> tuple[dict[str, torch.Tensor], float]:
     """`domain_gradient` and the proxy loss value it differentiates, from the same passes."""
     examples = domain_examples(domain, n, seed, split)
-    batches = make_batches(tokenizer, examples, batch_size)
+    dom = get_domain(domain) if isinstance(domain, str) else domain
+    batches = make_batches(tokenizer, examples, batch_size, dom)
     total = n_label_tokens(batches)
     named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]

@@ -134,7 +134,8 @@ def select_protected(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     pool_sizes: dict[str, int] = {}
     all_batches = []
     for a in earlier:
-        batches = make_batches(tokenizer, domain_examples(a, n, seed, "train"), batch_size)
+        batches = make_batches(tokenizer, domain_examples(a, n, seed, "train"), batch_size,
+                               a if isinstance(a, Domain) else None)
         all_batches.append(batches)
         _, g_a, hd = grad_and_hvp(model, batches, delta)
         flat = _flat_scores(umap, attribution(umap, delta, g_a, hd))

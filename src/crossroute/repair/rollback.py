@@ -230,7 +230,7 @@ def rollback_sweep(
     ln = load_model(now, device=dev)  # fp32, default attention: only evaluated
     umap = UnitMap.of_model(lt.model).require(("neuron",))
     delta = param_delta(lt.model, ln.model)
-    batches = make_batches(lt.tokenizer, domain_examples(da, n, seed, split), batch_size)
+    batches = make_batches(lt.tokenizer, domain_examples(da, n, seed, split), batch_size, da)
     loss_a, g, hd = grad_and_hvp(lt.model, batches, delta)
     attr = attribution(umap, delta, g, hd)
     sq = umap.reduce({k: d.square() for k, d in delta.items()})

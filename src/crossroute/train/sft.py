@@ -70,10 +70,21 @@ def make_sft_config(kw: dict[str, Any], where: str) -> Any:
         raise CrossrouteError(f"{where}.sft: {str(e).splitlines()[0]}") from None
 
 
-def sft_rows(domains: list[Domain], n_per_domain: int, seed: int, eos: str) -> list[dict[str, str]]:
-    """Train-split prompt/completion rows of every domain, shuffled together (deterministic)."""
-    rows = [{"prompt": e.prompt, "completion": e.answer + eos}
-            for d in domains for e in d.examples("train", n_per_domain, seed=seed)]
+def sft_rows(domains: list[Domain], n_per_domain: int, seed: int, eos: str,
+             tokenizer: Any = None) -> list[dict[str, Any]]:
+    """Train-split prompt/completion rows of every domain, shuffled together (deterministic). A domain shown
+    through the chat template gets conversational rows (TRL applies the template); others plain text."""
+    rows: list[dict[str, Any]] = []
+    for d in domains:
+        chat = tokenizer is not None and d.uses_chat(tokenizer)
+        for e in d.examples("train", n_per_domain, seed=seed):
+            if chat:
+                rows.append({"prompt": d.messages(e), "completion": [{"role": "assistant", "content": e.answer}]})
+            else:
+                rows.append({"prompt": d.plain_prompt(e), "completion": e.answer + eos})
+    if len({isinstance(r["prompt"], list) for r in rows}) > 1:
+        raise CrossrouteError(f"SFT mixes chat-template and plain-text domains ({', '.join(d.name for d in domains)}); "
+                              "give them the same chat_template setting.")
     random.Random(f"sft:{seed}:{','.join(d.name for d in domains)}").shuffle(rows)
     return rows
 
@@ -159,7 +170,7 @@ def sft_train(
         model, tok = loaded.model, loaded.tokenizer
         model.train()
         tok.padding_side = "right"
-        dataset = Dataset.from_list(sft_rows(domains, train_prompts, seed, tok.eos_token))
+        dataset = Dataset.from_list(sft_rows(domains, train_prompts, seed, tok.eos_token, tok))
         freeze = FreezeMask(model, freeze_mask) if freeze_mask else None
         callbacks = [_restore_callback(freeze)] if freeze else None
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok,
