@@ -68,3 +68,28 @@ def test_paired_diff_is_antisymmetric(pairs: list[tuple[float, float]]) -> None:
     ab, ba = paired_diff(a, b, n_boot=200), paired_diff(b, a, n_boot=200)
     assert ab.value == pytest.approx(-ba.value, abs=1e-9)
     assert ab.p == pytest.approx(ba.p) and 0.0 < ab.p <= 1.0
+
+
+def test_p_ref_equals_the_product_of_stepwise_next_token_probabilities() -> None:
+    """P(ref) from one batched teacher-forced pass equals prod_t p(a_t | prompt, a_<t) computed token by token."""
+    import torch
+
+    from crossroute.domains.builtin import BUILTIN
+    from crossroute.measure.evaluate import reference_probability
+    from crossroute.model.load import load_model
+
+    loaded = load_model("default")
+    model, tok, dom = loaded.model, loaded.tokenizer, BUILTIN["math"]
+    examples = dom.examples("eval", 6)
+    got = reference_probability(model, tok, dom, examples, batch_size=4)
+    for e, g in zip(examples, got, strict=True):
+        ids = dom.prompt_ids(e, tok)
+        target = list(tok(e.answer, add_special_tokens=False)["input_ids"]) + [tok.eos_token_id]
+        prob = 1.0
+        with torch.no_grad():
+            for t in target:
+                logits = model(input_ids=torch.tensor([ids])).logits[0, -1].double()
+                prob *= float(torch.softmax(logits, -1)[t])
+                ids = ids + [t]
+        assert g == pytest.approx(prob, rel=1e-4, abs=1e-9)
+    assert 0.0 < max(got) <= 1.0

@@ -47,9 +47,26 @@ def test_shipped_default_scores_are_recorded() -> None:
 
 
 @pytest.mark.slow
-def test_regenerated_default_scores_within_a_few_points(tmp_path: Path) -> None:
+def test_regenerated_default_matches_the_shipped_one(tmp_path: Path) -> None:
+    """Regenerating the default from its recipe gives the shipped model where the float kernels match, and a model
+    as good as it elsewhere.
+
+    On one machine and thread count pretraining is bit-identical (test above). Across CPUs the matmul kernels
+    round differently and 2000 steps grow that into a seed's worth of difference: measured on 2026-12-01 (2-core
+    x86_64), seed 0 regenerated gave math/code/qa/cw 52/24/30.2/60.7 against the shipped 44/30/29.1/62.4, and seed
+    1 gave 37/40/22.1/62.2. Single domains at n=100 move by up to 16 points between such runs, so they are no
+    reproducibility criterion; the mean over domains moved by at most 1.4 (41.7, 41.4, 40.3). Hence: identical
+    weights give identical scores; otherwise every domain is learned and the mean is within 4 points."""
     shipped = json.loads((DEFAULT_CHECKPOINT / "scores.json").read_text())["scores"]
     model, tok, _ = pretrain(PretrainConfig(), out=tmp_path / "regen", show_progress=False)
     got = evaluate_all(model, tok, [BUILTIN[d] for d in DEFAULT_DOMAINS], n=100)
+    ref = load_model(DEFAULT_CHECKPOINT).model.state_dict()
+    same = all(torch.equal(v.to(ref[k].dtype), ref[k]) for k, v in model.state_dict().items() if k in ref)
+    if same:
+        for d in DEFAULT_DOMAINS:
+            assert got[d].score == pytest.approx(shipped[d], abs=1e-6), d
     for d in DEFAULT_DOMAINS:
-        assert abs(got[d].score - shipped[d]) <= 5.0, (d, got[d].score, shipped[d])
+        assert 15.0 <= got[d].score <= 85.0, (d, got[d].score)
+    mean_got = sum(got[d].score for d in DEFAULT_DOMAINS) / len(DEFAULT_DOMAINS)
+    mean_shipped = sum(shipped[d] for d in DEFAULT_DOMAINS) / len(DEFAULT_DOMAINS)
+    assert abs(mean_got - mean_shipped) <= 4.0, ({d: got[d].score for d in DEFAULT_DOMAINS}, shipped)

@@ -68,6 +68,9 @@ def eval_cmd(
     domains: DomainsOpt = "math,code,qa,cw",
     n: Annotated[int, typer.Option(help="held-out prompts per domain")] = 100,
     out: Annotated[Path, typer.Option(help="run directory for results/eval.json")] = Path("runs/eval"),
+    p_ref: Annotated[bool, typer.Option("--p-ref", help="also the teacher-forced probability of each reference "
+                                        "answer (the exact expected accuracy of sampling at T=1; one forward "
+                                        "pass)")] = False,
 ) -> None:
     """Score a checkpoint on each domain's held-out split (greedy decoding), print a table, write JSON.
 
@@ -81,12 +84,16 @@ def eval_cmd(
     doms = parse_domains(domains)
     loaded = load_model(model)
     run = open_run(out, {"model": str(loaded.path), "domains": [d.name for d in doms], "n": n}, kind="eval")
-    scores = evaluate_all(loaded.model, loaded.tokenizer, doms, n=n, show_progress=True)
+    scores = evaluate_all(loaded.model, loaded.tokenizer, doms, n=n, show_progress=True, p_ref=p_ref)
     records = write_records(run.results / f"eval_{Path(loaded.path).name}.jsonl", scores)
     run.write_result("eval", {"model": str(loaded.path), "records": str(records), **scores_json(scores)})
-    console.print(scores_table("held-out scores [0-100]", {Path(loaded.path).name: {k: v.score for k, v in
-                                                                                    scores.items()}},
-                               [d.name for d in doms]))
+    console.print(scores_table("held-out scores [0-100], 95% bootstrap CI over prompts",
+                               {Path(loaded.path).name: {k: v.score for k, v in scores.items()}},
+                               [d.name for d in doms], ci={Path(loaded.path).name: {k: (v.lo, v.hi)
+                                                                                   for k, v in scores.items()}}))
+    for k, v in scores.items():
+        if v.p_ref is not None:
+            console.print(f"P(ref) {k}: {v.p_ref['value']:.2f} [{v.p_ref['lo']:.2f}, {v.p_ref['hi']:.2f}]")
     console.print(f"wrote {run.results / 'eval.json'} and {records}")
 
 

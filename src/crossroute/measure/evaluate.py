@@ -20,6 +20,7 @@ from crossroute.core.atomic import atomic_write_text
 from crossroute.core.console import progress_bar
 from crossroute.domains.base import Example
 from crossroute.domains.domain import Domain
+from crossroute.measure.batches import collate, encode_answer
 from crossroute.measure.stats import mean_ci
 
 N_SAMPLES = 5  # records shown in scores.json / the report; every record goes to the JSONL
@@ -39,6 +40,7 @@ class DomainScore:
     records: list[dict[str, Any]] = field(default_factory=list, repr=False)
     description: str = ""
     scorer: str = ""
+    p_ref: dict[str, Any] | None = None  # mean P(ref) in points with its CI, when asked for
 
 
 @torch.inference_mode()
@@ -89,6 +91,27 @@ def generate_greedy(
     return generate_greedy_ids(model, tokenizer, ids, max_new_tokens, batch_size)
 
 
+@torch.inference_mode()
+def reference_probability(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, domain: Domain,
+                          examples: list[Example], batch_size: int = 64) -> list[float]:
+    """P(ref) per example: exp(sum of log p(answer tokens + eos | prompt)), teacher-forced, the prompt shown as in
+    GRPO and eval. It is the exact probability that sampling at T=1 reproduces the reference (one forward pass)."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pairs = [encode_answer(tokenizer, domain.prompt_ids(e, tokenizer), e.answer) for e in examples]
+    out: list[float] = []
+    for start in range(0, len(pairs), batch_size):
+        batch = collate(pairs[start : start + batch_size], pad or 0)
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        target = batch["labels"][:, 1:].to(device)
+        sel = target != -100
+        tok_logp = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * sel
+        out.extend(float(v) for v in tok_logp.sum(dim=1).exp().cpu())
+    return out
+
+
 def example_record(domain: Domain, example: Example, prompt_text: str, completion: str, score: float,
                    index: int) -> dict[str, Any]:
     """One evaluated example: what was asked, what the model said, what it was scored against, and the score."""
@@ -125,8 +148,10 @@ def evaluate_domain(
     n: int = 100,
     seed: int = 0,
     n_samples: int = N_SAMPLES,
+    p_ref: bool = False,
 ) -> DomainScore:
-    """Score `domain` on `n` held-out prompts with greedy decoding, keeping every example's record."""
+    """Score `domain` on `n` held-out prompts with greedy decoding, keeping every example's record; with `p_ref`,
+    also each example's teacher-forced probability of its reference answer (where the domain has answers)."""
     examples = domain.examples("eval", n, seed=seed)
     ids = [domain.prompt_ids(e, tokenizer) for e in examples]
     completions = generate_greedy_ids(model, tokenizer, ids, domain.max_new_tokens)
@@ -139,8 +164,14 @@ def evaluate_domain(
                for r in records[:n_samples]]
     est = mean_ci(scores)
     mean = 100.0 * sum(scores) / len(scores) if scores else 0.0
-    return DomainScore(domain.name, round(mean, 4), len(scores), est.lo, est.hi, samples, records,
-                       domain.description, domain.kind)
+    out = DomainScore(domain.name, round(mean, 4), len(scores), est.lo, est.hi, samples, records,
+                      domain.description, domain.kind)
+    if p_ref and examples and all(e.answer for e in examples):
+        probs = reference_probability(model, tokenizer, domain, examples)
+        for r, q in zip(records, probs, strict=True):
+            r["p_ref"] = q
+        out.p_ref = mean_ci(probs).to_json()
+    return out
 
 
 def evaluate_all(
@@ -150,6 +181,7 @@ def evaluate_all(
     n: int = 100,
     seed: int = 0,
     show_progress: bool = False,
+    p_ref: bool = False,
 ) -> dict[str, DomainScore]:
     """Evaluate every domain; returns {name: DomainScore}."""
     was_training = model.training
@@ -159,7 +191,7 @@ def evaluate_all(
         task = bar.add_task("eval", total=len(domains))
         for d in domains:
             bar.update(task, description=f"eval {d.name}")
-            result[d.name] = evaluate_domain(model, tokenizer, d, n=n, seed=seed)
+            result[d.name] = evaluate_domain(model, tokenizer, d, n=n, seed=seed, p_ref=p_ref)
             bar.advance(task)
     model.train(was_training)
     return result

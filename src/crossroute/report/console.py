@@ -7,14 +7,22 @@ from rich.table import Table
 from crossroute.core.console import console
 
 
-def scores_table(title: str, rows: dict[str, dict[str, float]], columns: list[str]) -> Table:
-    """A rich table: one row per key of `rows`, one column per domain."""
+def scores_table(title: str, rows: dict[str, dict[str, float]], columns: list[str],
+                 ci: dict[str, dict[str, tuple[float, float] | list[float] | None]] | None = None) -> Table:
+    """A rich table: one row per key of `rows`, one column per domain; with `ci`, each score's [lo, hi]."""
     t = Table(title=title)
     t.add_column("")
     for c in columns:
         t.add_column(c, justify="right")
     for name, scores in rows.items():
-        t.add_row(name, *[f"{scores[c]:.2f}" if c in scores else "-" for c in columns])
+        cells = []
+        for c in columns:
+            if c not in scores:
+                cells.append("-")
+                continue
+            bounds = (ci or {}).get(name, {}).get(c)
+            cells.append(f"{scores[c]:.2f} [{bounds[0]:.1f}, {bounds[1]:.1f}]" if bounds else f"{scores[c]:.2f}")
+        t.add_row(name, *cells)
     return t
 
 
@@ -22,7 +30,12 @@ def print_forgetting(result: dict) -> None:
     """The forgetting matrix and its summary on the terminal."""
     rows = {r: dict(zip(result["domains"], m, strict=True)) for r, m in zip(result["rows"], result["matrix"],
                                                                               strict=True)}
-    console.print(scores_table("forgetting matrix E[stage, domain]", rows, result["domains"]))
+    ci = None
+    if "ci" in result:
+        ci = {r: dict(zip(result["domains"], c, strict=True)) for r, c in zip(result["rows"], result["ci"],
+                                                                            strict=True)}
+    console.print(scores_table("forgetting matrix E[stage, domain] (95% CI over prompts)", rows, result["domains"],
+                               ci))
     console.print(f"forgetting per domain: { {k: round(v, 2) for k, v in result['forgetting'].items()} }; "
                   f"BWT {result['backward_transfer']:.2f}; average {result['average_base']:.2f} -> "
                   f"{result['average_final']:.2f}")
