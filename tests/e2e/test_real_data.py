@@ -300,3 +300,16 @@ def test_stage_refers_to_undeclared_domain() -> None:
     raw = {"model": "default", "domains": ["math"], "stages": [{"domain": "qa", "steps": 1}]}
     with pytest.raises(CrossrouteError, match="'qa' is not declared"):
         parse_train_config(raw, "cfg.yaml")
+
+
+def test_spec_file_resolves_by_path_and_cli_errors_exit_2(tmp_path: Path) -> None:
+    spec = ROOT / "examples" / "domains" / "gsm8k.yaml"
+    d = get_domain(str(spec))
+    assert d.name == "gsm8k" and d.kind == "math" and len(d.examples("eval")) == 4
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"name": "x", "file": str(DATA / "gsm8k_train.jsonl"), "scorer": "math"}))
+    p = subprocess.run([sys.executable, "-m", "crossroute.cli", "eval", "--domains", str(bad), "--out",
+                        str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2, p.stderr
+    err = p.stderr.strip() or p.stdout.strip()
+    assert len(err.splitlines()) == 1 and "gsm8k_train.jsonl:1" in err and "'prompt'" in err, err

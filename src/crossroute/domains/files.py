@@ -24,7 +24,8 @@ def _validate_row(path: Path, lineno: int, obj: dict[str, Any]) -> Example:
     unknown = set(obj) - {"prompt", "answer", "rubric", "split", "id"}
     if unknown:
         raise CrossrouteError(f"{where}: unknown field {sorted(unknown)[0]!r}; allowed: prompt, answer, rubric, "
-                              "split, id.")
+                              "split, id (another dataset's columns: declare a domain spec with fields:, see README "
+                              "'Your own data').")
     prompt = obj.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise CrossrouteError(f"{where}: field 'prompt' must be a non-empty string.")
@@ -66,7 +67,8 @@ def _validate_code_row(path: Path, lineno: int, obj: dict[str, Any]) -> Example:
     where = f"{path}:{lineno}"
     unknown = set(obj) - set(_CODE_FIELDS)
     if unknown:
-        raise CrossrouteError(f"{where}: unknown field {sorted(unknown)[0]!r}; allowed: {', '.join(_CODE_FIELDS)}.")
+        raise CrossrouteError(f"{where}: unknown field {sorted(unknown)[0]!r}; allowed: {', '.join(_CODE_FIELDS)} "
+                              "(another dataset's columns: declare a domain spec with fields:).")
     for key in ("prompt", "tests"):
         if not isinstance(obj.get(key), str) or not obj[key].strip():
             raise CrossrouteError(f"{where}: field {key!r} must be a non-empty string.")
