@@ -94,6 +94,11 @@ def test_sweep_writes_json_and_saves_best(pair: tuple[Path, Path], tmp_path: Pat
     for p in out["points"]:
         assert p["n_units"] == budget(pools[p["variant"]], p["fraction"])
         assert set(p["collateral"]) == {"qa"}
+        # the paired change vs theta_now is the difference of the two means, with a CI around it and a p-value
+        for d in ("math", "qa"):
+            c = p["change"][d]
+            assert c["value"] == pytest.approx(p["scores"][d] - out["score_now"][d], abs=1e-3)
+            assert c["lo"] - 1e-9 <= c["value"] <= c["hi"] + 1e-9 and 0 < c["p"] <= 1 and c["n"] == 4
     assert out["best"]["saved_to"] == str(tmp_path / "best")
     assert load_model(tmp_path / "best").model is not None
     assert res.score_peak == out["score_peak"]

@@ -24,6 +24,7 @@ from crossroute.measure.batches import collate, encode_answer
 from crossroute.measure.stats import mean_ci
 
 N_SAMPLES = 5  # records shown in scores.json / the report; every record goes to the JSONL
+EVAL_SEED = 0  # which held-out prompts are drawn: fixed, so eval prompts never depend on a training seed
 
 
 @dataclass

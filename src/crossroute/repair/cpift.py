@@ -30,7 +30,7 @@ from crossroute.core.rundir import RunDir, open_run
 from crossroute.domains.domain import Domain
 from crossroute.domains.files import build_domains, domains_field, get_domain, rebase_domains
 from crossroute.domains.spec import DomainSpec
-from crossroute.measure.evaluate import evaluate_all
+from crossroute.measure.evaluate import EVAL_SEED, evaluate_all
 from crossroute.model.load import check_checkpoint_dir, load_model
 from crossroute.repair.merge import (
     DEFAULT_EPS,
@@ -210,7 +210,7 @@ class _Runner:
 
     def evaluate(self, ckpt: Path) -> dict[str, float]:
         loaded = load_model(ckpt)
-        scores = evaluate_all(loaded.model, loaded.tokenizer, self.domains, n=self.cfg.eval_n, seed=self.cfg.seed)
+        scores = evaluate_all(loaded.model, loaded.tokenizer, self.domains, n=self.cfg.eval_n, seed=EVAL_SEED)
         return {k: v.score for k, v in scores.items()}
 
 

@@ -36,9 +36,10 @@ from crossroute.core.errors import CrossrouteError
 from crossroute.core.rundir import RunDir, result_name
 from crossroute.domains.domain import Domain
 from crossroute.domains.files import as_domains, get_domain
-from crossroute.measure.evaluate import evaluate_domain
+from crossroute.measure.evaluate import EVAL_SEED, evaluate_domain
 from crossroute.measure.hvp import grad_and_hvp
 from crossroute.measure.proxy import domain_examples, make_batches
+from crossroute.measure.stats import paired_by_key, paired_diff
 from crossroute.model.load import default_device, load_model, save_model
 from crossroute.model.units import UnitMap, parse_unit_id
 
@@ -145,6 +146,9 @@ class RollbackPoint:
     scores: dict[str, float]
     recovery: float | None
     collateral: dict[str, float]
+    # Paired over the same eval prompts, per domain: this point minus theta_now (A's gain, the others' collateral),
+    # with a bootstrap CI and a McNemar / sign-flip p-value.
+    change: dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass
@@ -242,18 +246,27 @@ def rollback_sweep(
     shared = set().union(*(s for sets in per_b.values() for s in sets.values()))
 
     doms = [da, *dos]
-    score_peak = evaluate_domain(lt.model, lt.tokenizer, da, n=eval_n, seed=seed).score
+    # Eval prompts are fixed (EVAL_SEED), independent of the analysis seed, so every point pairs with theta_now.
+    score_peak = evaluate_domain(lt.model, lt.tokenizer, da, n=eval_n, seed=EVAL_SEED).score
     score_to = {d.name: (score_peak if d is da else
-                         evaluate_domain(lt.model, lt.tokenizer, d, n=eval_n, seed=seed).score)
+                         evaluate_domain(lt.model, lt.tokenizer, d, n=eval_n, seed=EVAL_SEED).score)
                 for d in doms}
     swapper = Swapper(ln.model, dict(lt.model.named_parameters()), umap)
     del lt
 
-    def scores() -> dict[str, float]:
-        return {d.name: evaluate_domain(ln.model, ln.tokenizer, d, n=eval_n, seed=seed).score
-                for d in doms}
+    def evaluate() -> dict[str, dict[str, float]]:
+        """Per domain, every eval example's score keyed by prompt."""
+        out = {}
+        for d in doms:
+            res = evaluate_domain(ln.model, ln.tokenizer, d, n=eval_n, seed=EVAL_SEED)
+            out[d.name] = {r["prompt"]: float(r["score"]) for r in res.records}
+        return out
 
-    score_now = scores()
+    def means(per: dict[str, dict[str, float]]) -> dict[str, float]:
+        return {k: round(100.0 * sum(v.values()) / len(v), 4) if v else 0.0 for k, v in per.items()}
+
+    per_now = evaluate()
+    score_now = means(per_now)
     variants = ["mlp", "joint"] if joint else ["mlp"]
     points: list[RollbackPoint] = []
     chosen: dict[int, list[str]] = {}
@@ -266,13 +279,18 @@ def rollback_sweep(
                 k = budget(pool, frac)
                 units = order[:k]
                 with swapper.rolled_back(units):
-                    s = scores()
+                    per = evaluate()
+                s = means(per)
+                change = {}
+                for d in doms:
+                    a, b = paired_by_key(per_now[d.name], per[d.name])
+                    change[d.name] = paired_diff(a, b).to_json()
                 chosen[len(points)] = units
                 points.append(RollbackPoint(
                     variant=variant, selector=sel, fraction=float(frac), n_units=k,
                     n_shared=int(sum(sh[:k])), scores=s,
                     recovery=_recovery(s[da.name], score_now[da.name], score_peak),
-                    collateral={d.name: s[d.name] - score_now[d.name] for d in dos}))
+                    collateral={d.name: s[d.name] - score_now[d.name] for d in dos}, change=change))
     best = None
     if points:
         i = max(range(len(points)), key=lambda j: (points[j].scores[da.name], -points[j].n_units))
