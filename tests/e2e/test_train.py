@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -216,3 +217,23 @@ def test_unreachable_judge_is_refused_before_training(tiny_ckpt: Path, tmp_path:
     with pytest.raises(CrossrouteError, match=rf"judge endpoint http://127.0.0.1:{port}/v1 unreachable"):
         run_training(parse_train_config(raw), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_seeds_run_the_sequence_per_seed_and_aggregate(tmp_path: Path, tiny_ckpt: Path) -> None:
+    raw = {**tiny_config(tiny_ckpt, steps=1), "seeds": [0, 1], "refresh": None}
+    cfg = parse_train_config(raw)
+    res = train.run_training(cfg, tmp_path / "run")
+    per = [json.loads((tmp_path / "run" / "seeds" / str(k) / "results" / "forgetting.json").read_text())
+           for k in (0, 1)]
+    assert [p["seed"] for p in res["seeds"]["per_seed"]] == [0, 1]
+    # the aggregate is computed from the per-seed paired figures: recompute one by hand
+    vals = [p["paired"]["forgetting"]["math"]["value"] for p in per]
+    agg = res["seeds"]["aggregate"]["forgetting:math"]
+    assert agg["values"] == vals and agg["mean"] == pytest.approx(sum(vals) / 2, abs=1e-4)
+    sd = abs(vals[0] - vals[1]) / 2 ** 0.5
+    assert agg["sd"] == pytest.approx(sd, abs=1e-4)
+    assert agg["hi"] - agg["mean"] == pytest.approx(12.706 * sd / 2 ** 0.5, abs=1e-3)
+    assert res["matrix"][0] == per[0]["matrix"][0] == per[1]["matrix"][0]  # the base row: eval never seeded
+    saved = json.loads((tmp_path / "run" / "results" / "forgetting.json").read_text())
+    assert saved["seeds"]["aggregate"]["forgetting:math"]["values"] == vals

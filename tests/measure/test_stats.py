@@ -93,3 +93,13 @@ def test_p_ref_equals_the_product_of_stepwise_next_token_probabilities() -> None
                 ids = ids + [t]
         assert g == pytest.approx(prob, rel=1e-4, abs=1e-9)
     assert 0.0 < max(got) <= 1.0
+
+
+def test_across_seeds_hand_computed() -> None:
+    from crossroute.measure.stats import across_seeds
+
+    a = across_seeds([2.0, 4.0, 6.0])  # mean 4, sd 2, t(0.975, 2) = 4.303: 4 +- 4.303 * 2 / sqrt(3)
+    assert a["mean"] == 4.0 and a["sd"] == 2.0 and a["n"] == 3
+    assert a["lo"] == pytest.approx(4 - 4.303 * 2 / math.sqrt(3), abs=1e-3)
+    assert a["hi"] == pytest.approx(4 + 4.303 * 2 / math.sqrt(3), abs=1e-3)
+    assert across_seeds([1.0])["sd"] is None and across_seeds([])["n"] == 0

@@ -25,6 +25,7 @@ from crossroute.domains.judge import JudgeConfig, check_endpoint
 from crossroute.domains.spec import DomainSpec
 from crossroute.measure.evaluate import evaluate_all, scores_json, write_records
 from crossroute.measure.rescore import read_records
+from crossroute.measure.stats import across_seeds
 from crossroute.model.load import check_checkpoint_dir, load_model, load_tokenizer, resolve_model_path
 from crossroute.repair.protect import ProtectCallback, ProtectConfig
 from crossroute.train.grpo import grpo_kwargs, make_grpo_config, train_grpo_stage
@@ -54,6 +55,9 @@ class TrainConfig(BaseModel):
     eval_n: int = Field(100, gt=0)
     train_prompts: int = Field(2000, gt=0)
     seed: int = 0
+    # Several training seeds: the whole sequence runs once per seed (RUN/seeds/<k>/, each resumable) and every
+    # summary figure is aggregated (mean, SD, 95 % t-interval over seeds). Eval prompts never depend on the seed.
+    seeds: list[int] | None = Field(None, min_length=1)
     grpo: dict[str, Any] = Field(default_factory=dict)
     stages: list[StageConfig] = Field(min_length=1)
     refresh: StageConfig | None = None
@@ -219,7 +223,54 @@ def open_train_run(cfg: TrainConfig, out: str | Path, base: Path) -> RunDir:
 
 
 def run_training(cfg: TrainConfig, out: str | Path) -> dict[str, Any]:
-    """Run (or resume) the sequence and the refresh; returns the forgetting results written to results/."""
+    """Run (or resume) the sequence and the refresh, once or once per seed; returns the forgetting results."""
+    if not cfg.seeds:
+        return _run_one(cfg, out)
+    if len(set(cfg.seeds)) != len(cfg.seeds):
+        raise CrossrouteError(f"seeds {cfg.seeds}: give each seed once.")
+    base = check_checkpoint_dir(cfg.model)
+    run = open_train_run(cfg, out, base)
+    results = []
+    for k in cfg.seeds:
+        console.print(f"[bold]seed {k}[/bold] ({cfg.seeds.index(k) + 1}/{len(cfg.seeds)})")
+        one = cfg.model_copy(update={"seed": k, "seeds": None})
+        one._built = cfg.built_domains()
+        results.append(_run_one(one, run.root / "seeds" / str(k)))
+    result = aggregate_seeds(results, list(cfg.seeds), [s.domain for s in cfg.stages])
+    run.write_result("forgetting", result)
+    return result
+
+
+def aggregate_seeds(results: list[dict[str, Any]], seeds: list[int], trained: list[str]) -> dict[str, Any]:
+    """One forgetting result from per-seed ones: the mean matrix with its summary, every paired figure per seed,
+    and its mean, SD and 95 % t-interval over seeds."""
+    rows, doms = results[0]["rows"], results[0]["domains"]
+    matrix = [[sum(r["matrix"][i][j] for r in results) / len(results) for j in range(len(doms))]
+              for i in range(len(rows))]
+    refresh_row = len(rows) - 1 if rows[-1].startswith("refresh_") else None
+    figures: dict[str, list[float]] = {}
+    for r in results:
+        paired = r["paired"]
+        for d, v in paired["forgetting"].items():
+            figures.setdefault(f"forgetting:{d}", []).append(v["value"])
+        for stage, v in paired["own_stage_gain"].items():
+            figures.setdefault(f"own_stage_gain:{stage}", []).append(v["value"])
+        for d, v in (paired.get("refresh") or {}).items():
+            figures.setdefault(f"refresh_change:{d}", []).append(v["value"])
+        figures.setdefault("backward_transfer", []).append(r["backward_transfer"])
+        figures.setdefault("average_final", []).append(r["average_final"])
+    per_seed = [{"seed": k, "matrix": r["matrix"],
+                 "forgetting": {d: v["value"] for d, v in r["paired"]["forgetting"].items()},
+                 "forgetting_significant": {d: v["significant"] for d, v in r["paired"]["forgetting"].items()}}
+                for k, r in zip(seeds, results, strict=True)]
+    return {"rows": rows, "domains": doms, "matrix": matrix,
+            **forgetting_summary(rows, matrix, doms, trained, refresh_row),
+            "seeds": {"seeds": seeds, "per_seed": per_seed,
+                      "aggregate": {k: {**across_seeds(v), "values": v} for k, v in figures.items()}}}
+
+
+def _run_one(cfg: TrainConfig, out: str | Path) -> dict[str, Any]:
+    """One seed's sequence and refresh (resumable); returns the forgetting results written to results/."""
     base = check_checkpoint_dir(cfg.model)
     if cfg.judge is not None:
         check_endpoint(cfg.judge)  # a judge that is down fails here, not hours into training

@@ -126,3 +126,24 @@ def paired_by_key(a: dict[str, float], b: dict[str, float]) -> tuple[list[float]
     """Two checkpoints' per-example scores aligned on the examples both scored (by prompt key)."""
     keys = [k for k in a if k in b]
     return [a[k] for k in keys], [b[k] for k in keys]
+
+
+# Two-sided 97.5 % quantiles of Student's t for 1..30 degrees of freedom (beyond: the normal 1.96).
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def across_seeds(values: Sequence[float]) -> dict[str, Any]:
+    """Mean, sample SD and a 95 % t-interval of one figure over training seeds (the seed-to-seed spread)."""
+    arr = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=np.float64)
+    n = int(arr.size)
+    if n == 0:
+        return {"mean": None, "sd": None, "lo": None, "hi": None, "n": 0}
+    mean = float(arr.mean())
+    if n == 1:
+        return {"mean": round(mean, 4), "sd": None, "lo": None, "hi": None, "n": 1}
+    sd = float(arr.std(ddof=1))
+    t = _T975[n - 2] if n - 1 <= len(_T975) else 1.959964
+    half = t * sd / math.sqrt(n)
+    return {"mean": round(mean, 4), "sd": round(sd, 4), "lo": round(mean - half, 4), "hi": round(mean + half, 4),
+            "n": n}

@@ -42,6 +42,15 @@ def print_forgetting(result: dict) -> None:
     if "paired" in result:
         console.print(paired_table("forgetting between named rows (paired over the same prompts)",
                                    {d: v for d, v in result["paired"]["forgetting"].items()}, label="from -> to"))
+    if "seeds" in result:
+        t = Table(title=f"over seeds {result['seeds']['seeds']}: mean, SD and 95% t-interval")
+        for c in ("figure", "mean", "SD", "95% CI", "per seed"):
+            t.add_column(c, justify="left" if c == "figure" else "right")
+        for k, v in result["seeds"]["aggregate"].items():
+            ci = "-" if v["lo"] is None else f"[{v['lo']:+.2f}, {v['hi']:+.2f}]"
+            t.add_row(k, f"{v['mean']:+.2f}", "-" if v["sd"] is None else f"{v['sd']:.2f}", ci,
+                      ", ".join(f"{x:+.1f}" for x in v["values"]))
+        console.print(t)
     if "refresh" in result:
         r = result["refresh"]
         share = "n/a (nothing lost)" if r["recovery_share"] is None else f"{100 * r['recovery_share']:.0f}%"

@@ -37,6 +37,15 @@ def render(run: RunDir) -> str | None:
     body += (f"<p>Backward transfer {res['backward_transfer']:.2f}; average over domains "
              f"{res['average_base']:.2f} (base) -> {res['average_final']:.2f} (end of sequence). "
              "Own-stage gains: " + ", ".join(f"{k} {v:+.2f}" for k, v in res["own_stage_gain"].items()) + ".</p>")
+    if "seeds" in res:
+        sd = res["seeds"]
+        body += (f"<h3>Over training seeds {html.escape(str(sd['seeds']))}</h3><p>The matrix above is the mean over "
+                 "seeds (each seed's own run is in RUN/seeds/&lt;k&gt;/). Every paired figure per seed, with its "
+                 "mean, SD and 95 % t-interval across seeds:</p>")
+        body += table(["figure", "mean", "SD", "CI low", "CI high", "per seed"],
+                      [[k, v["mean"], v["sd"] if v["sd"] is not None else "-",
+                        v["lo"] if v["lo"] is not None else "-", v["hi"] if v["hi"] is not None else "-",
+                        ", ".join(f"{x:+.2f}" for x in v["values"])] for k, v in sd["aggregate"].items()])
     if "refresh" in res:
         r = res["refresh"]
         share = "n/a (nothing was lost)" if r["recovery_share"] is None else f"{100 * r['recovery_share']:.1f} %"
