@@ -103,3 +103,32 @@ def test_across_seeds_hand_computed() -> None:
     assert a["lo"] == pytest.approx(4 - 4.303 * 2 / math.sqrt(3), abs=1e-3)
     assert a["hi"] == pytest.approx(4 + 4.303 * 2 / math.sqrt(3), abs=1e-3)
     assert across_seeds([1.0])["sd"] is None and across_seeds([])["n"] == 0
+
+
+def test_unbiased_pass_at_k_hand_computed() -> None:
+    from crossroute.measure.evaluate import pass_at_k
+
+    assert pass_at_k(4, 1, 1) == pytest.approx(0.25)
+    assert pass_at_k(4, 1, 2) == pytest.approx(1 - math.comb(3, 2) / math.comb(4, 2))  # 0.5
+    assert pass_at_k(4, 0, 4) == 0.0 and pass_at_k(4, 3, 2) == 1.0
+
+
+@pytest.mark.slow
+def test_sampled_avg_at_k_agrees_with_p_ref() -> None:
+    """At T=1 the expected accuracy of exact match is (at least) P(ref): avg@16 lies within sampling error of it."""
+    from crossroute.domains.builtin import BUILTIN
+    from crossroute.measure.evaluate import EvalProtocol, evaluate_domain
+    from crossroute.model.load import load_model
+
+    loaded = load_model("default")
+    proto = EvalProtocol(temperature=1.0, k=16, pass_at=[1, 4, 16], p_ref=True)
+    s = evaluate_domain(loaded.model, loaded.tokenizer, BUILTIN["math"], n=40, protocol=proto)
+    probs = [r["p_ref"] for r in s.records]
+    se = 100 * math.sqrt(sum(q * (1 - q) / 16 for q in probs)) / len(probs)
+    gap = s.score - s.p_ref["value"]
+    assert -4 * se <= gap <= 4 * se + 2.0, (s.score, s.p_ref, se)
+    assert s.pass_at["pass@1"]["value"] == pytest.approx(s.score, abs=1e-3)  # 0/1 scores: pass@1 = avg@k
+    assert s.pass_at["pass@1"]["value"] <= s.pass_at["pass@4"]["value"] <= s.pass_at["pass@16"]["value"]
+    assert all(len(r["completions"]) == 16 for r in s.records)
+    again = evaluate_domain(loaded.model, loaded.tokenizer, BUILTIN["math"], n=40, protocol=proto)
+    assert [r["completions"] for r in again.records] == [r["completions"] for r in s.records]  # seeded

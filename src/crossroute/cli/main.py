@@ -71,29 +71,43 @@ def eval_cmd(
     p_ref: Annotated[bool, typer.Option("--p-ref", help="also the teacher-forced probability of each reference "
                                         "answer (the exact expected accuracy of sampling at T=1; one forward "
                                         "pass)")] = False,
+    k: Annotated[int, typer.Option(help="completions per prompt (sampling; score = avg@k)")] = 1,
+    temperature: Annotated[float, typer.Option(help="sampling temperature (0: greedy)")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="nucleus sampling")] = 1.0,
+    pass_at: Annotated[str, typer.Option(help="comma list of j for unbiased pass@j (j <= k)")] = "",
 ) -> None:
     """Score a checkpoint on each domain's held-out split (greedy decoding), print a table, write JSON.
 
     Example: crossroute eval --model default --domains math,code,qa,cw --out runs/eval
     """
+    from pydantic import ValidationError
+
     from crossroute.core.rundir import open_run
     from crossroute.domains.files import parse_domains
-    from crossroute.measure.evaluate import evaluate_all, scores_json, write_records
+    from crossroute.measure.evaluate import EvalProtocol, evaluate_all, scores_json, write_records
     from crossroute.model.load import load_model
 
+    try:
+        proto = EvalProtocol(k=k, temperature=temperature, top_p=top_p, p_ref=p_ref,
+                             pass_at=[int(x) for x in pass_at.split(",") if x.strip()])
+    except (ValueError, ValidationError) as e:
+        msg = e.errors()[0]["msg"] if isinstance(e, ValidationError) else str(e)
+        raise CrossrouteError(f"--k/--temperature/--top-p/--pass-at: {msg.removeprefix('Value error, ')}") from None
     doms = parse_domains(domains)
     loaded = load_model(model)
-    run = open_run(out, {"model": str(loaded.path), "domains": [d.name for d in doms], "n": n}, kind="eval")
-    scores = evaluate_all(loaded.model, loaded.tokenizer, doms, n=n, show_progress=True, p_ref=p_ref)
+    run = open_run(out, {"model": str(loaded.path), "domains": [d.name for d in doms], "n": n,
+                         "eval": proto.model_dump()}, kind="eval")
+    scores = evaluate_all(loaded.model, loaded.tokenizer, doms, n=n, show_progress=True, protocol=proto)
     records = write_records(run.results / f"eval_{Path(loaded.path).name}.jsonl", scores)
     run.write_result("eval", {"model": str(loaded.path), "records": str(records), **scores_json(scores)})
     console.print(scores_table("held-out scores [0-100], 95% bootstrap CI over prompts",
                                {Path(loaded.path).name: {k: v.score for k, v in scores.items()}},
                                [d.name for d in doms], ci={Path(loaded.path).name: {k: (v.lo, v.hi)
                                                                                    for k, v in scores.items()}}))
-    for k, v in scores.items():
-        if v.p_ref is not None:
-            console.print(f"P(ref) {k}: {v.p_ref['value']:.2f} [{v.p_ref['lo']:.2f}, {v.p_ref['hi']:.2f}]")
+    for name, v in scores.items():
+        extra = ({"P(ref)": v.p_ref} if v.p_ref is not None else {}) | v.pass_at
+        for label, e in extra.items():
+            console.print(f"{label} {name}: {e['value']:.2f} [{e['lo']:.2f}, {e['hi']:.2f}]")
     console.print(f"wrote {run.results / 'eval.json'} and {records}")
 
 

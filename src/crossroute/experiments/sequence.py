@@ -23,7 +23,7 @@ from crossroute.domains.domain import Domain
 from crossroute.domains.files import build_domains, domains_field, rebase_domains
 from crossroute.domains.judge import JudgeConfig, check_endpoint
 from crossroute.domains.spec import DomainSpec
-from crossroute.measure.evaluate import evaluate_all, scores_json, write_records
+from crossroute.measure.evaluate import EvalProtocol, evaluate_all, scores_json, write_records
 from crossroute.measure.rescore import read_records
 from crossroute.measure.stats import across_seeds
 from crossroute.model.load import check_checkpoint_dir, load_model, load_tokenizer, resolve_model_path
@@ -53,6 +53,7 @@ class TrainConfig(BaseModel):
     # a spec YAML file, or a data file. Stages, refresh and protect refer to these names.
     domains: dict[str, DomainSpec | str] = Field(default_factory=lambda: {d: d for d in DEFAULT_DOMAINS})
     eval_n: int = Field(100, gt=0)
+    eval: EvalProtocol = Field(default_factory=EvalProtocol)  # greedy or k samples, pass@j, P(ref), budgets
     train_prompts: int = Field(2000, gt=0)
     seed: int = 0
     # Several training seeds: the whole sequence runs once per seed (RUN/seeds/<k>/, each resumable) and every
@@ -204,7 +205,7 @@ def _evaluate_checkpoint(run: RunDir, name: str, ckpt: Path, cfg: TrainConfig, d
     records = run.results / f"eval_{name}.jsonl"
     if state.is_main_process and (run.read_result(f"eval_{name}") is None or not records.exists()):
         loaded = load_model(ckpt)
-        scores = evaluate_all(loaded.model, loaded.tokenizer, domains, n=cfg.eval_n)
+        scores = evaluate_all(loaded.model, loaded.tokenizer, domains, n=cfg.eval_n, protocol=cfg.eval)
         write_records(records, scores)
         run.write_result(f"eval_{name}", {"stage": name, "checkpoint": str(ckpt), **scores_json(scores)})
         del loaded

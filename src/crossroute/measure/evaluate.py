@@ -9,11 +9,13 @@ completion, reference and score is kept (`DomainScore.records`), written to resu
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from crossroute.core.atomic import atomic_write_text
@@ -25,6 +27,41 @@ from crossroute.measure.stats import mean_ci
 
 N_SAMPLES = 5  # records shown in scores.json / the report; every record goes to the JSONL
 EVAL_SEED = 0  # which held-out prompts are drawn: fixed, so eval prompts never depend on a training seed
+
+
+class EvalProtocol(BaseModel):
+    """How every checkpoint of a run is evaluated (shared by train, cpift and `crossroute eval`).
+
+    Greedy by default (temperature 0, k 1). With k > 1 samples per prompt at `temperature`/`top_p`, the score is
+    avg@k (the mean over samples, = pass@1 for 0/1 scores) and `pass_at` gives the unbiased pass@j for each j
+    (Chen et al. 2021); CIs bootstrap over prompts of the per-prompt means."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float = Field(0.0, ge=0, description="0: greedy decoding")
+    top_p: float = Field(1.0, gt=0, le=1)
+    k: int = Field(1, ge=1, description="completions per prompt (sampling; needs temperature > 0 when > 1)")
+    pass_at: list[int] = Field(default_factory=list, description="report unbiased pass@j for these j <= k")
+    p_ref: bool = Field(False, description="also the teacher-forced probability of each reference answer")
+    max_new_tokens: dict[str, int] = Field(default_factory=dict, description="per domain name: the budget")
+    batch_size: int = Field(128, gt=0)
+    sample_seed: int = Field(0, description="the sampler's seed (never the training seed)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EvalProtocol:
+        if self.k > 1 and self.temperature == 0:
+            raise ValueError("k > 1 samples need temperature > 0 (greedy gives k identical completions)")
+        bad = [j for j in self.pass_at if j < 1 or j > self.k]
+        if bad:
+            raise ValueError(f"pass_at {bad[0]} is outside 1..k (k = {self.k})")
+        return self
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
 @dataclass
@@ -42,6 +79,7 @@ class DomainScore:
     description: str = ""
     scorer: str = ""
     p_ref: dict[str, Any] | None = None  # mean P(ref) in points with its CI, when asked for
+    pass_at: dict[str, Any] = field(default_factory=dict)  # "pass@j": estimate with CI, when sampling
 
 
 @torch.inference_mode()
@@ -77,6 +115,43 @@ def generate_greedy_ids(
         texts = tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
         for i, t in zip(idx, texts, strict=True):
             out[i] = t
+    return out
+
+
+@torch.inference_mode()
+def generate_sampled_ids(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: list[list[int]],
+    max_new_tokens: int,
+    k: int,
+    temperature: float,
+    top_p: float,
+    seed: int = 0,
+    batch_size: int = 128,
+) -> list[list[str]]:
+    """`k` sampled completions per tokenised prompt (HF generate), reproducible from `seed` per batch."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    out: list[list[str]] = [[] for _ in prompt_ids]
+    per_batch = max(1, batch_size // k)
+    for b, start in enumerate(range(0, len(order), per_batch)):
+        idx = order[start : start + per_batch]
+        width = max(len(prompt_ids[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            q = prompt_ids[i]
+            ids[row, width - len(q):] = torch.tensor(q, dtype=torch.long)
+            mask[row, width - len(q):] = 1
+        torch.manual_seed(seed * 100_003 + b)
+        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                             do_sample=True, temperature=temperature, top_p=top_p, top_k=0, num_return_sequences=k,
+                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+        texts = tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
+        for row, i in enumerate(idx):
+            out[i] = texts[row * k : (row + 1) * k]
     return out
 
 
@@ -147,27 +222,48 @@ def evaluate_domain(
     tokenizer: PreTrainedTokenizerBase,
     domain: Domain,
     n: int = 100,
-    seed: int = 0,
+    seed: int = EVAL_SEED,
     n_samples: int = N_SAMPLES,
     p_ref: bool = False,
+    protocol: EvalProtocol | None = None,
 ) -> DomainScore:
-    """Score `domain` on `n` held-out prompts with greedy decoding, keeping every example's record; with `p_ref`,
-    also each example's teacher-forced probability of its reference answer (where the domain has answers)."""
+    """Score `domain` on `n` held-out prompts (greedy, or k samples per the protocol), keeping every example's
+    record; with `p_ref`, also each example's teacher-forced probability of its reference answer."""
+    proto = protocol or EvalProtocol(p_ref=p_ref)
+    budget = proto.max_new_tokens.get(domain.name, domain.max_new_tokens)
     examples = domain.examples("eval", n, seed=seed)
     ids = [domain.prompt_ids(e, tokenizer) for e in examples]
-    completions = generate_greedy_ids(model, tokenizer, ids, domain.max_new_tokens)
-    scores = domain.score_batch(examples, completions)
+    if proto.k == 1 and proto.temperature == 0:
+        samples_per = [[c] for c in generate_greedy_ids(model, tokenizer, ids, budget, proto.batch_size)]
+    else:
+        samples_per = generate_sampled_ids(model, tokenizer, ids, budget, proto.k, proto.temperature, proto.top_p,
+                                           proto.sample_seed, proto.batch_size)
+    flat = domain.score_batch([e for e, cs in zip(examples, samples_per, strict=True) for _ in cs],
+                              [c for cs in samples_per for c in cs])
+    per_prompt: list[list[float]] = []
+    pos = 0
+    for cs in samples_per:
+        per_prompt.append(flat[pos : pos + len(cs)])
+        pos += len(cs)
+    scores = [sum(v) / len(v) for v in per_prompt]
     texts = [domain.plain_prompt(e) if not domain.uses_chat(tokenizer) else tokenizer.decode(i) for e, i in
              zip(examples, ids, strict=True)]
-    records = [example_record(domain, e, t, c, s, k)
-               for k, (e, t, c, s) in enumerate(zip(examples, texts, completions, scores, strict=True))]
+    records = []
+    for j, (e, t, cs, v, sc) in enumerate(zip(examples, texts, samples_per, per_prompt, scores, strict=True)):
+        rec = example_record(domain, e, t, cs[0], sc, j)
+        if len(cs) > 1:
+            rec["completions"], rec["scores"] = list(cs), list(v)
+        records.append(rec)
     samples = [{"prompt": r["prompt"], "reference": r["answer"], "completion": r["completion"], "score": r["score"]}
                for r in records[:n_samples]]
     est = mean_ci(scores)
     mean = 100.0 * sum(scores) / len(scores) if scores else 0.0
     out = DomainScore(domain.name, round(mean, 4), len(scores), est.lo, est.hi, samples, records,
                       domain.description, domain.kind)
-    if p_ref and examples and all(e.answer for e in examples):
+    for j in proto.pass_at:
+        vals = [pass_at_k(len(v), sum(1 for x in v if x >= 1.0), j) for v in per_prompt]
+        out.pass_at[f"pass@{j}"] = mean_ci(vals).to_json()
+    if (proto.p_ref or p_ref) and examples and all(e.answer for e in examples):
         probs = reference_probability(model, tokenizer, domain, examples)
         for r, q in zip(records, probs, strict=True):
             r["p_ref"] = q
@@ -183,6 +279,7 @@ def evaluate_all(
     seed: int = 0,
     show_progress: bool = False,
     p_ref: bool = False,
+    protocol: EvalProtocol | None = None,
 ) -> dict[str, DomainScore]:
     """Evaluate every domain; returns {name: DomainScore}."""
     was_training = model.training
@@ -192,7 +289,7 @@ def evaluate_all(
         task = bar.add_task("eval", total=len(domains))
         for d in domains:
             bar.update(task, description=f"eval {d.name}")
-            result[d.name] = evaluate_domain(model, tokenizer, d, n=n, seed=seed, p_ref=p_ref)
+            result[d.name] = evaluate_domain(model, tokenizer, d, n=n, seed=seed, p_ref=p_ref, protocol=protocol)
             bar.advance(task)
     model.train(was_training)
     return result

@@ -37,10 +37,18 @@ def rescore(records: list[dict[str, Any]], domain: Domain, where: str = "records
     if not chosen:
         raise CrossrouteError(f"{where}: no records of domain {domain.name!r}; the file holds "
                               f"{', '.join(sorted(names))}; pass NAME=SPEC with one of those names.")
-    examples = [record_example(r) for r in chosen]
-    scores = domain.score_batch(examples, [r["completion"] for r in chosen])
-    return [{**r, "previous_score": r.get("score"), "score": s, "scorer": domain.kind}
-            for r, s in zip(chosen, scores, strict=True)]
+    samples = [r["completions"] if isinstance(r.get("completions"), list) else [r["completion"]] for r in chosen]
+    flat = domain.score_batch([record_example(r) for r, cs in zip(chosen, samples, strict=True) for _ in cs],
+                              [c for cs in samples for c in cs])
+    out, pos = [], 0
+    for r, cs in zip(chosen, samples, strict=True):
+        v = flat[pos : pos + len(cs)]
+        pos += len(cs)
+        new = {**r, "previous_score": r.get("score"), "score": sum(v) / len(v), "scorer": domain.kind}
+        if len(cs) > 1:
+            new["previous_scores"], new["scores"] = r.get("scores"), v
+        out.append(new)
+    return out
 
 
 def write_rescored(path: str | Path, records: list[dict[str, Any]]) -> Path:

@@ -30,7 +30,7 @@ from crossroute.core.rundir import RunDir, open_run
 from crossroute.domains.domain import Domain
 from crossroute.domains.files import build_domains, domains_field, get_domain, rebase_domains
 from crossroute.domains.spec import DomainSpec
-from crossroute.measure.evaluate import EVAL_SEED, evaluate_all
+from crossroute.measure.evaluate import EVAL_SEED, EvalProtocol, evaluate_all
 from crossroute.model.load import check_checkpoint_dir, load_model
 from crossroute.repair.merge import (
     DEFAULT_EPS,
@@ -58,6 +58,7 @@ class CpiftConfig(BaseModel):
     domains: dict[str, DomainSpec | str] = Field(default_factory=dict)
     tasks: list[str] = Field(default_factory=lambda: ["math", "code", "qa", "cw"])
     eval_n: int = Field(100, gt=0)
+    eval: EvalProtocol = Field(default_factory=EvalProtocol)
     train_prompts: int = Field(2000, gt=0)
     seed: int = 0
     threads: int | None = Field(None, gt=0)
@@ -210,7 +211,8 @@ class _Runner:
 
     def evaluate(self, ckpt: Path) -> dict[str, float]:
         loaded = load_model(ckpt)
-        scores = evaluate_all(loaded.model, loaded.tokenizer, self.domains, n=self.cfg.eval_n, seed=EVAL_SEED)
+        scores = evaluate_all(loaded.model, loaded.tokenizer, self.domains, n=self.cfg.eval_n, seed=EVAL_SEED,
+                              protocol=self.cfg.eval)
         return {k: v.score for k, v in scores.items()}
 
 
