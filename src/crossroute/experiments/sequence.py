@@ -18,6 +18,7 @@ from crossroute.core.config import load_yaml_mapping, validate_config
 from crossroute.core.console import console
 from crossroute.core.errors import CrossrouteError
 from crossroute.core.rundir import RunDir, open_run
+from crossroute.core.threads import configure_threads
 from crossroute.domains.builtin import DEFAULT_DOMAINS
 from crossroute.domains.domain import Domain
 from crossroute.domains.files import build_domains, domains_field, rebase_domains
@@ -59,6 +60,7 @@ class TrainConfig(BaseModel):
     # Several training seeds: the whole sequence runs once per seed (RUN/seeds/<k>/, each resumable) and every
     # summary figure is aggregated (mean, SD, 95 % t-interval over seeds). Eval prompts never depend on the seed.
     seeds: list[int] | None = Field(None, min_length=1)
+    threads: int | None = Field(None, gt=0, description="torch CPU threads per process (default: cores / processes)")
     grpo: dict[str, Any] = Field(default_factory=dict)
     stages: list[StageConfig] = Field(min_length=1)
     refresh: StageConfig | None = None
@@ -272,6 +274,7 @@ def aggregate_seeds(results: list[dict[str, Any]], seeds: list[int], trained: li
 
 def _run_one(cfg: TrainConfig, out: str | Path) -> dict[str, Any]:
     """One seed's sequence and refresh (resumable); returns the forgetting results written to results/."""
+    configure_threads(cfg.threads)
     base = check_checkpoint_dir(cfg.model)
     if cfg.judge is not None:
         check_endpoint(cfg.judge)  # a judge that is down fails here, not hours into training

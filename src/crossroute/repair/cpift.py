@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 from crossroute.core.config import load_yaml_mapping, validate_config
 from crossroute.core.console import console
 from crossroute.core.rundir import RunDir, open_run
+from crossroute.core.threads import configure_threads
 from crossroute.domains.domain import Domain
 from crossroute.domains.files import build_domains, domains_field, get_domain, rebase_domains
 from crossroute.domains.spec import DomainSpec
@@ -218,8 +219,7 @@ class _Runner:
 
 def run_cpift_config(cfg: CpiftConfig, out: str | Path) -> dict[str, Any]:
     """Run (or resume) probes, grouping, fusion, pipeline and both baselines; write results/cpift.json."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    configure_threads(cfg.threads)
     t_start = time.perf_counter()
     base = check_checkpoint_dir(cfg.model)
     run = open_run(out, {**cfg.model_dump(), "model": str(base)}, kind="cpift")
