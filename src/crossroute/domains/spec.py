@@ -11,9 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from crossroute.core.config import load_yaml_mapping, validate_config
 from crossroute.core.errors import CrossrouteError
 from crossroute.domains.base import RUBRIC_KEYS, SPLITS, Example
 from crossroute.domains.domain import Domain
@@ -314,14 +314,7 @@ def build_domain(spec: DomainSpec, name: str | None = None, judge: Any = None, b
 def load_spec_file(path: str | Path) -> DomainSpec:
     """A DomainSpec from its own YAML file (its relative paths are taken from the file's folder)."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise CrossrouteError(f"{path}: no such domain spec file.")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise CrossrouteError(f"{path}: invalid YAML ({str(e).splitlines()[0]}).") from None
-    if not isinstance(raw, dict):
-        raise CrossrouteError(f"{path}: expected a mapping (name, train/eval or file, fields, scorer, ...).")
+    raw = load_yaml_mapping(path, "examples/domains/gsm8k.yaml", "name, train/eval or file, fields, scorer")
     spec = parse_spec(raw, str(path))
     base = path.parent
     updates = {k: str(base / v) for k in ("file", "train", "eval")
@@ -331,10 +324,4 @@ def load_spec_file(path: str | Path) -> DomainSpec:
 
 def parse_spec(raw: dict[str, Any], where: str) -> DomainSpec:
     """A DomainSpec validated from a mapping; the first error is one line naming `where` and the field."""
-    try:
-        return DomainSpec.model_validate(raw)
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"])
-        msg = "unknown field (typo?)" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
-        raise CrossrouteError(f"{where}: field {loc}: {msg}" if loc else f"{where}: {msg}") from None
+    return validate_config(DomainSpec, raw, where, "scorer")

@@ -82,6 +82,17 @@ class DomainScore:
     pass_at: dict[str, Any] = field(default_factory=dict)  # "pass@j": estimate with CI, when sampling
 
 
+def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows left-padded to one width (generation appends on the right), with the attention mask."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
 @torch.inference_mode()
 def generate_greedy_ids(
     model: PreTrainedModel,
@@ -97,13 +108,8 @@ def generate_greedy_ids(
     out: list[str] = [""] * len(prompt_ids)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        width = max(len(prompt_ids[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            p = prompt_ids[i]
-            ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[row, width - len(p):] = 1
+        ids, mask = left_pad([prompt_ids[i] for i in idx], pad)
+        width = ids.shape[1]
         gen = model.generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
@@ -138,13 +144,8 @@ def generate_sampled_ids(
     per_batch = max(1, batch_size // k)
     for b, start in enumerate(range(0, len(order), per_batch)):
         idx = order[start : start + per_batch]
-        width = max(len(prompt_ids[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            q = prompt_ids[i]
-            ids[row, width - len(q):] = torch.tensor(q, dtype=torch.long)
-            mask[row, width - len(q):] = 1
+        ids, mask = left_pad([prompt_ids[i] for i in idx], pad)
+        width = ids.shape[1]
         torch.manual_seed(seed * 100_003 + b)
         gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                              do_sample=True, temperature=temperature, top_p=top_p, top_k=0, num_return_sequences=k,
