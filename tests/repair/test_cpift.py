@@ -95,5 +95,10 @@ def test_tiny_end_to_end_and_section(tmp_path: Path) -> None:
     assert saved["steps"]["mixed_sft"] == saved["steps"]["sequential_sft"] == 4
     assert len(saved["core"]["jaccard"]) == 2 and saved["core"]["groups"]
     assert (tmp_path / "run" / "cores" / "math.safetensors").exists()
+    for m in ("base", "mixed_sft", "sequential_sft"):  # paired CPI-FT - baseline = difference of the means
+        for t in ("math", "code"):
+            d = saved["cpift_vs"][m][t]
+            want = saved["scores"]["cpift"][t] - saved["scores"][m][t]
+            assert d["value"] == pytest.approx(want, abs=1e-3) and d["n"] == 4 and 0 < d["p"] <= 1
     html = render_cpift_section(res)
     assert "CPI-FT" in html and "mixed_sft" in html and "<table>" in html

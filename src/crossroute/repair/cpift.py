@@ -32,6 +32,7 @@ from crossroute.domains.domain import Domain
 from crossroute.domains.files import build_domains, domains_field, get_domain, rebase_domains
 from crossroute.domains.spec import DomainSpec
 from crossroute.measure.evaluate import EVAL_SEED, EvalProtocol, evaluate_all
+from crossroute.measure.stats import paired_by_key, paired_diff
 from crossroute.model.load import check_checkpoint_dir, load_model
 from crossroute.repair.merge import (
     DEFAULT_EPS,
@@ -194,6 +195,7 @@ class _Runner:
         self.cfg, self.run, self.base = cfg, run, base
         self.domains = cfg.task_domains()
         self.train_log: dict[str, Any] = run.read_result("cpift_train") or {}
+        self.per_example: dict[str, dict[str, dict[str, float]]] = {}
 
     def sft(self, name: str, init: Path, domains: list[Domain], steps: int,
             freeze: dict[str, torch.Tensor] | None = None) -> Path:
@@ -211,10 +213,18 @@ class _Runner:
         return ckpt
 
     def evaluate(self, ckpt: Path) -> dict[str, float]:
+        """Each task's score on `ckpt`; every example's score is kept (self.per_example) for paired tests."""
         loaded = load_model(ckpt)
         scores = evaluate_all(loaded.model, loaded.tokenizer, self.domains, n=self.cfg.eval_n, seed=EVAL_SEED,
                               protocol=self.cfg.eval)
+        self.per_example[str(ckpt)] = {k: {r["prompt"]: float(r["score"]) for r in v.records}
+                                       for k, v in scores.items()}
         return {k: v.score for k, v in scores.items()}
+
+    def paired(self, a: Path, b: Path) -> dict[str, dict[str, Any]]:
+        """Per task, b minus a over the same eval prompts: paired bootstrap CI and p-value."""
+        pa, pb = self.per_example[str(a)], self.per_example[str(b)]
+        return {t: paired_diff(*paired_by_key(pa[t], pb[t])).to_json() for t in pa}
 
 
 def run_cpift_config(cfg: CpiftConfig, out: str | Path) -> dict[str, Any]:
@@ -297,6 +307,8 @@ def run_cpift_config(cfg: CpiftConfig, out: str | Path) -> dict[str, Any]:
                  "(earlier groups' cores frozen)",
         "config": cfg.model_dump(),
     }
+    # CPI-FT minus each baseline, per task, paired over the same prompts (CI, McNemar / sign-flip p).
+    result["cpift_vs"] = {m: r.paired(ckpts[m], ckpts["cpift"]) for m in ("base", "mixed_sft", "sequential_sft")}
     result["claim"] = {"mixed_lowest": result["lowest"] == "mixed_sft", "cpift_best": result["best"] == "cpift"}
     run.write_result("cpift", result)
     console.print(_table_text(result))
