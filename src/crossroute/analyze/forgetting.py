@@ -97,3 +97,11 @@ def paired_summary(rows: list[str], per_row: list[PerExample], domains: list[str
     if refresh_row is not None:
         out["refresh"] = {d: _diff(per_row[end].get(d, {}), per_row[refresh_row].get(d, {})) for d in domains}
     return out
+
+
+def compare_runs(rows: list[str], per_row_a: list[PerExample], per_row_b: list[PerExample],
+                 domains: list[str]) -> dict[str, dict[str, Any]]:
+    """Run b minus run a at every row both have (e.g. protected minus unprotected), per domain, paired over the
+    same eval prompts: bootstrap CI and p-value."""
+    return {row: {d: _diff(a.get(d, {}), b.get(d, {})) for d in domains}
+            for row, a, b in zip(rows, per_row_a, per_row_b, strict=True)}

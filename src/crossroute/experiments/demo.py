@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from crossroute.analyze.forgetting import compare_runs, per_example_scores
 from crossroute.core.console import console
 from crossroute.core.rundir import RunDir
 from crossroute.experiments.sequence import (
@@ -14,6 +15,7 @@ from crossroute.experiments.sequence import (
     run_checkpoints,
     run_training,
 )
+from crossroute.measure.rescore import read_records
 from crossroute.model.default import ASSETS
 from crossroute.model.presets import Preset, get_preset, require_device
 from crossroute.report.build import build_report
@@ -119,6 +121,13 @@ def _prevent_and_compare(run: RunDir, cfg: TrainConfig) -> None:
     t2 = time.perf_counter()
     if run.read_result("forgetting_protected") is None:
         protected = run_training(load_train_config(PROTECT_CONFIG), run.root / "protected")
+        plain = run.read_result("forgetting")
+        if plain is not None and plain["rows"] == protected["rows"]:
+            def records(root: Path) -> list:
+                return [per_example_scores(read_records(root / "results" / f"eval_{r}.jsonl")) for r in plain["rows"]]
+
+            protected["vs_unprotected"] = compare_runs(plain["rows"], records(run.root),
+                                                       records(run.root / "protected"), plain["domains"])
         run.write_result("forgetting_protected", protected)
     console.print(f"protected sequence (freeze math's conflict units): {time.perf_counter() - t2:.0f} s")
     t2 = time.perf_counter()

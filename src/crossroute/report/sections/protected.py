@@ -27,4 +27,12 @@ def render(run: RunDir) -> str | None:
              for k, v in plain["own_stage_gain"].items()]
     body += "<h3>Own-stage gains (the cost of protecting)</h3>"
     body += table(["stage", "unprotected", "protected"], gains)
+    vs = prot.get("vs_unprotected")
+    if vs:
+        end = [r for r in plain["rows"] if not r.startswith("refresh_")][-1]
+        body += (f"<h3>Protected minus unprotected at {end}, paired over the same prompts</h3>"
+                 "<p>95 % bootstrap CI and p-value (McNemar for 0/1 scores); * marks a CI that excludes 0.</p>")
+        body += table(["domain", "difference", "CI low", "CI high", "p", "n"],
+                      [[d, f"{v['value']:+.2f}{'*' if v.get('significant') else ''}", float(v["lo"]), float(v["hi"]),
+                        float(v["p"]), v["n"]] for d, v in vs[end].items()])
     return section("Prevention: protected sequence vs unprotected", body)
