@@ -154,13 +154,10 @@ def get_domain(spec: str) -> Domain:
     if "=" in spec:
         name, path = spec.split("=", 1)
         return load_domain_file(path.strip(), name.strip())
-    if "/" in spec or Path(spec).suffix.lower() in (".yaml", ".yml", ".jsonl", ".json", ".parquet", ".csv"):
+    if _looks_like_path(spec):
         return load_domain_file(spec)
     raise CrossrouteError(f"unknown domain {spec!r}; use one of {', '.join(BUILTIN)}, a domain spec (.yaml), a data "
                           "file, or NAME=PATH.")
-
-
-DomainsField = dict[str, Any]  # name -> DomainSpec | spec string, as a config's `domains:` holds them
 
 
 def domains_field(value: Any) -> dict[str, Any]:

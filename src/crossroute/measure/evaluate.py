@@ -156,18 +156,6 @@ def generate_sampled_ids(
     return out
 
 
-def generate_greedy(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: list[str],
-    max_new_tokens: int,
-    batch_size: int = 128,
-) -> list[str]:
-    """Greedy completions for raw-text prompts (tokenised with the tokenizer's default special tokens)."""
-    ids = [list(tokenizer(text=p)["input_ids"]) for p in prompts]
-    return generate_greedy_ids(model, tokenizer, ids, max_new_tokens, batch_size)
-
-
 @torch.inference_mode()
 def reference_probability(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, domain: Domain,
                           examples: list[Example], batch_size: int = 64) -> list[float]:
@@ -277,7 +265,7 @@ def evaluate_all(
     tokenizer: PreTrainedTokenizerBase,
     domains: list[Domain],
     n: int = 100,
-    seed: int = 0,
+    seed: int = EVAL_SEED,
     show_progress: bool = False,
     p_ref: bool = False,
     protocol: EvalProtocol | None = None,

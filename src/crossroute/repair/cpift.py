@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from crossroute.analyze.forgetting import per_example_scores
 from crossroute.core.config import load_yaml_mapping, validate_config
 from crossroute.core.console import console
 from crossroute.core.rundir import RunDir, open_run
@@ -217,14 +218,13 @@ class _Runner:
         loaded = load_model(ckpt)
         scores = evaluate_all(loaded.model, loaded.tokenizer, self.domains, n=self.cfg.eval_n, seed=EVAL_SEED,
                               protocol=self.cfg.eval)
-        self.per_example[str(ckpt)] = {k: {r["prompt"]: float(r["score"]) for r in v.records}
-                                       for k, v in scores.items()}
+        self.per_example[str(ckpt)] = per_example_scores([r for v in scores.values() for r in v.records])
         return {k: v.score for k, v in scores.items()}
 
     def paired(self, a: Path, b: Path) -> dict[str, dict[str, Any]]:
         """Per task, b minus a over the same eval prompts: paired bootstrap CI and p-value."""
         pa, pb = self.per_example[str(a)], self.per_example[str(b)]
-        return {t: paired_diff(*paired_by_key(pa[t], pb[t])).to_json() for t in pa}
+        return {t: paired_diff(*paired_by_key(pa[t], pb.get(t, {}))).to_json() for t in pa}
 
 
 def run_cpift_config(cfg: CpiftConfig, out: str | Path) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from crossroute.analyze.damage import attribution, param_delta, torch_threads
+from crossroute.analyze.forgetting import PerExample, per_example_scores
 from crossroute.analyze.subspace import shared_units
 from crossroute.core.errors import CrossrouteError
 from crossroute.core.rundir import RunDir, result_name
@@ -254,19 +255,12 @@ def rollback_sweep(
     swapper = Swapper(ln.model, dict(lt.model.named_parameters()), umap)
     del lt
 
-    def evaluate() -> dict[str, dict[str, float]]:
-        """Per domain, every eval example's score keyed by prompt."""
-        out = {}
-        for d in doms:
-            res = evaluate_domain(ln.model, ln.tokenizer, d, n=eval_n, seed=EVAL_SEED)
-            out[d.name] = {r["prompt"]: float(r["score"]) for r in res.records}
-        return out
+    def evaluate() -> tuple[dict[str, float], PerExample]:
+        """Each domain's score, and every eval example's score (for the paired change vs theta_now)."""
+        res = [evaluate_domain(ln.model, ln.tokenizer, d, n=eval_n, seed=EVAL_SEED) for d in doms]
+        return {r.domain: r.score for r in res}, per_example_scores([x for r in res for x in r.records])
 
-    def means(per: dict[str, dict[str, float]]) -> dict[str, float]:
-        return {k: round(100.0 * sum(v.values()) / len(v), 4) if v else 0.0 for k, v in per.items()}
-
-    per_now = evaluate()
-    score_now = means(per_now)
+    score_now, per_now = evaluate()
     variants = ["mlp", "joint"] if joint else ["mlp"]
     points: list[RollbackPoint] = []
     chosen: dict[int, list[str]] = {}
@@ -279,11 +273,10 @@ def rollback_sweep(
                 k = budget(pool, frac)
                 units = order[:k]
                 with swapper.rolled_back(units):
-                    per = evaluate()
-                s = means(per)
+                    s, per = evaluate()
                 change = {}
                 for d in doms:
-                    a, b = paired_by_key(per_now[d.name], per[d.name])
+                    a, b = paired_by_key(per_now.get(d.name, {}), per.get(d.name, {}))
                     change[d.name] = paired_diff(a, b).to_json()
                 chosen[len(points)] = units
                 points.append(RollbackPoint(
