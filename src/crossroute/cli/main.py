@@ -75,6 +75,9 @@ def eval_cmd(
     temperature: Annotated[float, typer.Option(help="sampling temperature (0: greedy)")] = 0.0,
     top_p: Annotated[float, typer.Option(help="nucleus sampling")] = 1.0,
     pass_at: Annotated[str, typer.Option(help="comma list of j for unbiased pass@j (j <= k)")] = "",
+    eval_set: Annotated[Path | None, typer.Option(help="score the prompts pinned in this run directory "
+                                                  "(RUN/eval_sets/), e.g. to compare a new checkpoint with a run's "
+                                                  "on the same prompts")] = None,
 ) -> None:
     """Score a checkpoint on each domain's held-out split (greedy decoding), print a table, write JSON.
 
@@ -84,8 +87,8 @@ def eval_cmd(
 
     from crossroute.core.rundir import open_run
     from crossroute.domains.files import parse_domains
-    from crossroute.measure.evaluate import EvalProtocol, evaluate_all, scores_json, write_records
-    from crossroute.model.load import load_model
+    from crossroute.measure.evaluate import EvalProtocol, evaluate_checkpoint, scores_json, write_records
+    from crossroute.model.load import resolve_model_path
 
     try:
         proto = EvalProtocol(k=k, temperature=temperature, top_p=top_p, p_ref=p_ref,
@@ -94,16 +97,25 @@ def eval_cmd(
         msg = e.errors()[0]["msg"] if isinstance(e, ValidationError) else str(e)
         raise CrossrouteError(f"--k/--temperature/--top-p/--pass-at: {msg.removeprefix('Value error, ')}") from None
     doms = parse_domains(domains)
-    loaded = load_model(model)
-    run = open_run(out, {"model": str(loaded.path), "domains": [d.name for d in doms], "n": n,
-                         "eval": proto.model_dump()}, kind="eval")
-    scores = evaluate_all(loaded.model, loaded.tokenizer, doms, n=n, show_progress=True, protocol=proto)
-    records = write_records(run.results / f"eval_{Path(loaded.path).name}.jsonl", scores)
-    run.write_result("eval", {"model": str(loaded.path), "records": str(records), **scores_json(scores)})
+    if eval_set is not None:
+        from crossroute.domains.evalset import EVAL_SETS, with_eval_sets
+
+        doms = with_eval_sets(eval_set, doms)
+        unpinned = [d.name for d in doms if d.eval_fixed is None]
+        if unpinned:
+            raise CrossrouteError(f"--eval-set {eval_set}: no {EVAL_SETS}/{unpinned[0]}.jsonl there; pass a run "
+                                  "directory written by train, cpift or rollback, or drop the domain.")
+    path = resolve_model_path(model)
+    run = open_run(out, {"model": str(path), "domains": [d.name for d in doms], "n": n,
+                         "eval": proto.model_dump(), **({"eval_set": str(eval_set)} if eval_set else {})},
+                   kind="eval")
+    scores, backend = evaluate_checkpoint(path, doms, n, proto, show_progress=True)
+    records = write_records(run.results / f"eval_{path.name}.jsonl", scores)
+    run.write_result("eval", {"model": str(path), "backend": backend, "records": str(records),
+                              **scores_json(scores)})
     console.print(scores_table("held-out scores [0-100], 95% bootstrap CI over prompts",
-                               {Path(loaded.path).name: {k: v.score for k, v in scores.items()}},
-                               [d.name for d in doms], ci={Path(loaded.path).name: {k: (v.lo, v.hi)
-                                                                                   for k, v in scores.items()}}))
+                               {path.name: {k: v.score for k, v in scores.items()}},
+                               [d.name for d in doms], ci={path.name: {k: (v.lo, v.hi) for k, v in scores.items()}}))
     for name, v in scores.items():
         extra = ({"P(ref)": v.p_ref} if v.p_ref is not None else {}) | v.pass_at
         for label, e in extra.items():
@@ -273,7 +285,7 @@ def damage(
     later: Annotated[str | None, typer.Option(help="later domain(s) B,...: conflict subspace on shared routes")] = None,
     n: Annotated[int, typer.Option(help="examples for the proxy loss (answer NLL)")] = 64,
     batch_size: Annotated[int, typer.Option(help="micro-batch size (memory bound)")] = 64,
-    k: Annotated[int, typer.Option(help="Lanczos steps")] = 20,
+    k: Annotated[int, typer.Option(help="conflict subspace: top eigenpairs (k // 2 bottom ones)")] = 20,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (1 avoids oversubscription)")] = None,
     layers: Annotated[str | None, typer.Option(help="restrict delta, gradients and HVPs to these decoder layers, "
                                                "e.g. 28-35 (memory of large models); default: all")] = None,
@@ -288,6 +300,7 @@ def damage(
     from crossroute.analyze.damage import run_damage
     from crossroute.core.config import parse_layers
     from crossroute.report.build import build_report
+    from crossroute.report.console import conflict_line
 
     layer_list = parse_layers(layers) if layers is not None else None
     run = analysis_run(out, {"before": before, "after": after, "domain": domain}, kind="damage")
@@ -297,6 +310,8 @@ def damage(
     console.print(f"{domain}: measured {j['measured']:+.4f} = first order {j['first_order']:+.4f} + second order "
                   f"{j['second_order']:+.4f} + error {j['error']:+.4f}; top 1/2/5/10 % of units carry "
                   + "/".join(f"{100 * j['top_share'][p]:.0f}%" for p in ("1", "2", "5", "10")))
+    for c in j["conflict"]:
+        console.print(conflict_line(c))
     console.print(f"report: {build_report(run.root)}")
 
 

@@ -20,7 +20,8 @@ class Example:
     `prompt` is the user turn's text (for a conversational row, the last user message); `messages`, when set,
     is the whole conversation up to the assistant turn. `answer` is the reference (for qa the first alias),
     `answers` every accepted alias, `tests` Python test code and `entry_point` the function a HumanEval-style
-    `check(candidate)` test is called on. `rubric` holds rule checks for writing rows.
+    `check(candidate)` test is called on. `rubric` holds rule checks for writing rows. `stratum` names the
+    stratum an eval set keeps in fixed proportion (a file's level column, a generator's number of steps).
     """
 
     prompt: str
@@ -33,6 +34,7 @@ class Example:
     messages: tuple[dict[str, str], ...] | None = None
     id: str = ""
     where: str = ""  # file:line of the row, for error messages
+    stratum: str = ""  # the difficulty/kind stratum eval sets are stratified by ("" when the domain has none)
 
     def row(self) -> dict[str, Any]:
         """The dataset row TRL sees; extra columns reach reward functions as keyword arguments."""

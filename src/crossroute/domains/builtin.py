@@ -123,6 +123,29 @@ def _gen_cw(rng: random.Random) -> Example:
     return Example(prompt, " ".join(words), rubric)
 
 
+def math_stratum(e: Example) -> str:
+    """Difficulty of a math prompt: its number of operations."""
+    return f"{sum(e.prompt.count(c) for c in '+-')} ops"
+
+
+def code_stratum(e: Example) -> str:
+    """Difficulty of a code prompt: its number of statements before the print."""
+    return f"{e.prompt.count(';')} statements"
+
+
+def qa_stratum(e: Example) -> str:
+    """The attribute a qa prompt asks about (each has its own answer set)."""
+    return next(a for a, templates in QA_TEMPLATES.items()
+                if any(e.prompt.startswith(t.split("{e}")[0]) and e.prompt.endswith(t.split("{e}")[1])
+                       for t in templates))
+
+
+def cw_stratum(e: Example) -> str:
+    """A cw prompt's constraint mix: its word count and whether a word is required."""
+    rubric = e.rubric or {}
+    return f"{rubric.get('n_words')} words{' +word' if rubric.get('must_include') else ''}"
+
+
 # Answer conventions that pairs of domains share a route for and disagree on (DESIGN.md section 4):
 # math writes a bare number, code ends its printed number with ';'; qa answers take the article 'a',
 # cw writes bare words. Pretraining sees each domain's answers half in the other domain's convention,
@@ -142,12 +165,14 @@ def other_convention(domain: str, answer: str) -> str:
 
 
 BUILTIN: dict[str, Domain] = {
-    "math": Domain("math", "multi-step integer arithmetic (+/-), exact match", _gen_math, max_new_tokens=6),
-    "code": Domain("code", "output of a tiny straight-line program, exact match", _gen_code, max_new_tokens=6),
+    "math": Domain("math", "multi-step integer arithmetic (+/-), exact match", _gen_math, max_new_tokens=6,
+                   stratum=math_stratum),
+    "code": Domain("code", "output of a tiny straight-line program, exact match", _gen_code, max_new_tokens=6,
+                   stratum=code_stratum),
     "qa": Domain("qa", "questions over a synthetic knowledge base of made-up entities", _gen_qa,
-                 max_new_tokens=10),
+                 max_new_tokens=10, stratum=qa_stratum),
     "cw": Domain("cw", "constrained writing (count, first letter, required word), rubric in [0,1]", _gen_cw,
-                 max_new_tokens=24, kind="rubric"),
+                 max_new_tokens=24, kind="rubric", stratum=cw_stratum),
 }
 
 

@@ -17,6 +17,7 @@ from crossroute.core.errors import CrossrouteError
 from crossroute.domains.answers import strip_thinking
 from crossroute.domains.base import SPLITS, Example, split_of
 from crossroute.domains.scorers import Scorer, make_scorer
+from crossroute.domains.strata import stratified_fixed, stratified_generated
 
 CHAT_MODES = ("auto", "true", "false")
 
@@ -37,6 +38,8 @@ class Domain:
     chat_template: str = "false"  # auto | true | false
     system_prompt: str | None = None
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    stratum: Callable[[Example], str] | None = None  # a generator's strata (eval sets keep their shares)
+    eval_fixed: list[Example] | None = None  # the eval set pinned in a run directory (domains/evalset.py)
     _cache: dict[str, list[Example]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -47,21 +50,38 @@ class Domain:
     # ------------------------------------------------------------------ examples
 
     def examples(self, split: str, n: int | None = None, seed: int = 0) -> list[Example]:
-        """Up to `n` distinct examples of `split`, deterministic given (split, n, seed)."""
+        """Up to `n` distinct examples of `split`, deterministic given (split, n, seed).
+
+        Eval sets are stratified (domains/strata.py): a stratum's share never depends on n. A pinned eval set
+        (`eval_fixed`) is returned as it is, its first n."""
         if split not in SPLITS:
             raise CrossrouteError(f"split {split!r} unknown; use one of {', '.join(SPLITS)}.")
+        if split == "eval" and self.eval_fixed is not None:
+            return list(self.eval_fixed if n is None else self.eval_fixed[:n])
+        key = f"{split}:{n}:{seed}"
+        if key not in self._cache:
+            self._cache[key] = self._draw(split, n, seed)
+        return list(self._cache[key])
+
+    def _draw(self, split: str, n: int | None, seed: int) -> list[Example]:
+        """The examples of `split` without the cache (see `examples`)."""
+        rng = random.Random(f"{self.name}:{split}:{seed}")
         if self.fixed is not None:
             pool = [e for e in self.fixed if (e.split or split_of(e.prompt)) == split]
-            rng = random.Random(f"{self.name}:{split}:{seed}")
+            if split == "eval":
+                return stratified_fixed(pool, n, rng)
             rng.shuffle(pool)
             return pool if n is None else pool[:n]
         assert self.generate is not None
         n = 200 if n is None else n
-        rng = random.Random(f"{self.name}:{split}:{seed}")
+        max_draws = 200 * n + 10_000
+        if split == "eval" and self.stratum is not None:
+            return stratified_generated(self.generate, lambda e: split_of(e.prompt) == split, self.stratum, n, rng,
+                                        max_draws)
         seen: set[str] = set()
         out: list[Example] = []
         tries = 0
-        while len(out) < n and tries < 200 * n + 10_000:
+        while len(out) < n and tries < max_draws:
             tries += 1
             ex = self.generate(rng)
             if ex.prompt in seen or split_of(ex.prompt) != split:

@@ -41,6 +41,7 @@ class FieldMap(BaseModel):
     rubric: str = "rubric"
     split: str = "split"
     id: str = "id"
+    stratum: str | None = Field(None, description="a column (e.g. level) the eval set keeps in fixed proportion")
 
 
 class DomainSpec(BaseModel):
@@ -240,8 +241,15 @@ def row_to_example(row: dict[str, Any], fields: FieldMap, where: str, split: str
             raise CrossrouteError(f"{where}: field {fields.split!r} must be 'train' or 'eval', got {row_split!r}.")
         split = row_split
     rid = _get(row, fields.id)
+    stratum = ""
+    if fields.stratum is not None:
+        raw_stratum = _get(row, fields.stratum)
+        if raw_stratum is None:
+            raise CrossrouteError(f"{where}: no field {fields.stratum!r} (mapped as stratum); the row has "
+                                  f"{', '.join(sorted(row)) or 'no fields'}.")
+        stratum = str(raw_stratum)
     return Example(prompt, answer, rubric, split, answers, tests, str(entry) if entry else "", messages,
-                   str(rid) if rid is not None else "", where)
+                   str(rid) if rid is not None else "", where, stratum)
 
 
 def infer_scorer(examples: list[Example]) -> str:

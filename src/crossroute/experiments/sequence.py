@@ -21,13 +21,14 @@ from crossroute.core.rundir import RunDir, open_run
 from crossroute.core.threads import configure_threads
 from crossroute.domains.builtin import DEFAULT_DOMAINS
 from crossroute.domains.domain import Domain
+from crossroute.domains.evalset import pin_eval_sets
 from crossroute.domains.files import build_domains, domains_field, rebase_domains
 from crossroute.domains.judge import JudgeConfig, check_endpoint
 from crossroute.domains.spec import DomainSpec
-from crossroute.measure.evaluate import EvalProtocol, evaluate_all, scores_json, write_records
+from crossroute.measure.evaluate import EvalProtocol, evaluate_checkpoint, scores_json, write_records
 from crossroute.measure.rescore import read_records
 from crossroute.measure.stats import across_seeds
-from crossroute.model.load import check_checkpoint_dir, load_model, load_tokenizer, resolve_model_path
+from crossroute.model.load import check_checkpoint_dir, load_tokenizer, resolve_model_path
 from crossroute.repair.protect import ProtectCallback, ProtectConfig
 from crossroute.train.grpo import grpo_kwargs, make_grpo_config, train_grpo_stage
 
@@ -206,11 +207,10 @@ def _evaluate_checkpoint(run: RunDir, name: str, ckpt: Path, cfg: TrainConfig, d
     state = _dist_state(cfg)
     records = run.results / f"eval_{name}.jsonl"
     if state.is_main_process and (run.read_result(f"eval_{name}") is None or not records.exists()):
-        loaded = load_model(ckpt)
-        scores = evaluate_all(loaded.model, loaded.tokenizer, domains, n=cfg.eval_n, protocol=cfg.eval)
+        scores, backend = evaluate_checkpoint(ckpt, domains, cfg.eval_n, cfg.eval)
         write_records(records, scores)
-        run.write_result(f"eval_{name}", {"stage": name, "checkpoint": str(ckpt), **scores_json(scores)})
-        del loaded
+        run.write_result(f"eval_{name}", {"stage": name, "checkpoint": str(ckpt), "backend": backend,
+                                          **scores_json(scores)})
     state.wait_for_everyone()  # every process reaches this once per checkpoint
     res = run.read_result(f"eval_{name}")
     if res is None:
@@ -233,11 +233,13 @@ def run_training(cfg: TrainConfig, out: str | Path) -> dict[str, Any]:
         raise CrossrouteError(f"seeds {cfg.seeds}: give each seed once.")
     base = check_checkpoint_dir(cfg.model)
     run = open_train_run(cfg, out, base)
+    with _dist_state(cfg).main_process_first():
+        pinned = pin_eval_sets(run.root, list(cfg.built_domains().values()), cfg.eval_n)
     results = []
     for k in cfg.seeds:
         console.print(f"[bold]seed {k}[/bold] ({cfg.seeds.index(k) + 1}/{len(cfg.seeds)})")
         one = cfg.model_copy(update={"seed": k, "seeds": None})
-        one._built = cfg.built_domains()
+        one._built = {d.name: d for d in pinned}  # every seed scores the parent run's pinned prompts
         results.append(_run_one(one, run.root / "seeds" / str(k)))
     result = aggregate_seeds(results, list(cfg.seeds), [s.domain for s in cfg.stages])
     run.write_result("forgetting", result)
@@ -279,8 +281,9 @@ def _run_one(cfg: TrainConfig, out: str | Path) -> dict[str, Any]:
     if cfg.judge is not None:
         check_endpoint(cfg.judge)  # a judge that is down fails here, not hours into training
     run = open_train_run(cfg, out, base)
-    by_name = cfg.built_domains()
-    domains = list(by_name.values())
+    with _dist_state(cfg).main_process_first():  # the main process draws and writes the sets, the others read
+        domains = pin_eval_sets(run.root, list(cfg.built_domains().values()), cfg.eval_n)
+    by_name = {d.name: d for d in domains}
     names = stage_names(cfg)
     stages = cfg.stages + ([cfg.refresh] if cfg.refresh else [])
     evals = [_evaluate_checkpoint(run, "base", base, cfg, domains)]

@@ -12,7 +12,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -20,10 +20,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from crossroute.core.atomic import atomic_write_text
 from crossroute.core.console import progress_bar
+from crossroute.core.errors import CrossrouteError
 from crossroute.domains.base import Example
 from crossroute.domains.domain import Domain
+from crossroute.measure.backends import Generator, VllmGenerator, resolve_backend
 from crossroute.measure.batches import collate, encode_answer
 from crossroute.measure.stats import mean_ci
+from crossroute.model.load import load_model, load_tokenizer
 
 N_SAMPLES = 5  # records shown in scores.json / the report; every record goes to the JSONL
 EVAL_SEED = 0  # which held-out prompts are drawn: fixed, so eval prompts never depend on a training seed
@@ -46,6 +49,9 @@ class EvalProtocol(BaseModel):
     max_new_tokens: dict[str, int] = Field(default_factory=dict, description="per domain name: the budget")
     batch_size: int = Field(128, gt=0)
     sample_seed: int = Field(0, description="the sampler's seed (never the training seed)")
+    backend: Literal["auto", "hf", "vllm"] = Field(
+        "auto", description="generation: HF generate, or vLLM's offline engine (auto: vLLM where installed with a GPU)")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights' dtype while evaluated")
 
     @model_validator(mode="after")
     def _consistent(self) -> EvalProtocol:
@@ -156,6 +162,23 @@ def generate_sampled_ids(
     return out
 
 
+class HfGenerator:
+    """The HF `generate` backend on an in-memory model (greedy and sampled, left-padded length-sorted batches)."""
+
+    name = "hf"
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int = 128) -> None:
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+
+    def greedy(self, prompt_ids: list[list[int]], max_new_tokens: int) -> list[str]:
+        return generate_greedy_ids(self.model, self.tokenizer, prompt_ids, max_new_tokens, self.batch_size)
+
+    def sample(self, prompt_ids: list[list[int]], max_new_tokens: int, k: int, temperature: float, top_p: float,
+               seed: int) -> list[list[str]]:
+        return generate_sampled_ids(self.model, self.tokenizer, prompt_ids, max_new_tokens, k, temperature, top_p,
+                                    seed, self.batch_size)
+
+
 @torch.inference_mode()
 def reference_probability(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, domain: Domain,
                           examples: list[Example], batch_size: int = 64) -> list[float]:
@@ -207,7 +230,7 @@ def record_example(rec: dict[str, Any]) -> Example:
 
 
 def evaluate_domain(
-    model: PreTrainedModel,
+    model: PreTrainedModel | None,
     tokenizer: PreTrainedTokenizerBase,
     domain: Domain,
     n: int = 100,
@@ -215,18 +238,23 @@ def evaluate_domain(
     n_samples: int = N_SAMPLES,
     p_ref: bool = False,
     protocol: EvalProtocol | None = None,
+    generator: Generator | None = None,
 ) -> DomainScore:
     """Score `domain` on `n` held-out prompts (greedy, or k samples per the protocol), keeping every example's
-    record; with `p_ref`, also each example's teacher-forced probability of its reference answer."""
+    record; with `p_ref`, also each example's teacher-forced probability of its reference answer. `generator`
+    (e.g. vLLM) replaces HF generate on `model`; P(ref) always needs `model`."""
     proto = protocol or EvalProtocol(p_ref=p_ref)
+    if generator is None:
+        if model is None:
+            raise CrossrouteError("evaluate_domain needs a model or a generator.")
+        generator = HfGenerator(model, tokenizer, proto.batch_size)
     budget = proto.max_new_tokens.get(domain.name, domain.max_new_tokens)
     examples = domain.examples("eval", n, seed=seed)
     ids = [domain.prompt_ids(e, tokenizer) for e in examples]
     if proto.k == 1 and proto.temperature == 0:
-        samples_per = [[c] for c in generate_greedy_ids(model, tokenizer, ids, budget, proto.batch_size)]
+        samples_per = [[c] for c in generator.greedy(ids, budget)]
     else:
-        samples_per = generate_sampled_ids(model, tokenizer, ids, budget, proto.k, proto.temperature, proto.top_p,
-                                           proto.sample_seed, proto.batch_size)
+        samples_per = generator.sample(ids, budget, proto.k, proto.temperature, proto.top_p, proto.sample_seed)
     flat = domain.score_batch([e for e, cs in zip(examples, samples_per, strict=True) for _ in cs],
                               [c for cs in samples_per for c in cs])
     per_prompt: list[list[float]] = []
@@ -253,6 +281,8 @@ def evaluate_domain(
         vals = [pass_at_k(len(v), sum(1 for x in v if x >= 1.0), j) for v in per_prompt]
         out.pass_at[f"pass@{j}"] = mean_ci(vals).to_json()
     if (proto.p_ref or p_ref) and examples and all(e.answer for e in examples):
+        if model is None:
+            raise CrossrouteError("P(ref) is teacher-forced on the HF model; evaluate_domain got none.")
         probs = reference_probability(model, tokenizer, domain, examples)
         for r, q in zip(records, probs, strict=True):
             r["p_ref"] = q
@@ -261,7 +291,7 @@ def evaluate_domain(
 
 
 def evaluate_all(
-    model: PreTrainedModel,
+    model: PreTrainedModel | None,
     tokenizer: PreTrainedTokenizerBase,
     domains: list[Domain],
     n: int = 100,
@@ -269,19 +299,48 @@ def evaluate_all(
     show_progress: bool = False,
     p_ref: bool = False,
     protocol: EvalProtocol | None = None,
+    generator: Generator | None = None,
 ) -> dict[str, DomainScore]:
     """Evaluate every domain; returns {name: DomainScore}."""
-    was_training = model.training
-    model.eval()
+    was_training = model.training if model is not None else False
+    if model is not None:
+        model.eval()
     result: dict[str, DomainScore] = {}
     with progress_bar(show_progress) as bar:
         task = bar.add_task("eval", total=len(domains))
         for d in domains:
             bar.update(task, description=f"eval {d.name}")
-            result[d.name] = evaluate_domain(model, tokenizer, d, n=n, seed=seed, p_ref=p_ref, protocol=protocol)
+            result[d.name] = evaluate_domain(model, tokenizer, d, n=n, seed=seed, p_ref=p_ref, protocol=protocol,
+                                             generator=generator)
             bar.advance(task)
-    model.train(was_training)
+    if model is not None:
+        model.train(was_training)
     return result
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def evaluate_checkpoint(path: str | Path, domains: list[Domain], n: int, protocol: EvalProtocol,
+                        show_progress: bool = False) -> tuple[dict[str, DomainScore], str]:
+    """Evaluate a checkpoint directory under `protocol` on the backend it resolves to (HF or vLLM); returns the
+    scores and the backend's name. The HF model is loaded only when HF generates or P(ref) is asked for."""
+    backend = resolve_backend(protocol.backend)
+    if backend == "hf":
+        loaded = load_model(path, dtype=DTYPES[protocol.dtype])
+        return evaluate_all(loaded.model, loaded.tokenizer, domains, n=n, protocol=protocol,
+                            show_progress=show_progress), backend
+    gen = VllmGenerator(path, dtype=protocol.dtype, seed=protocol.sample_seed)
+    try:
+        if protocol.p_ref:
+            loaded = load_model(path, dtype=DTYPES[protocol.dtype])
+            model, tokenizer = loaded.model, loaded.tokenizer
+        else:
+            model, tokenizer = None, load_tokenizer(path)
+        return evaluate_all(model, tokenizer, domains, n=n, protocol=protocol, show_progress=show_progress,
+                            generator=gen), backend
+    finally:
+        gen.close()
 
 
 def scores_json(scores: dict[str, DomainScore]) -> dict[str, Any]:

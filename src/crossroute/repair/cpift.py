@@ -30,9 +30,10 @@ from crossroute.core.console import console
 from crossroute.core.rundir import RunDir, open_run
 from crossroute.core.threads import configure_threads
 from crossroute.domains.domain import Domain
+from crossroute.domains.evalset import pin_eval_sets
 from crossroute.domains.files import build_domains, domains_field, get_domain, rebase_domains
 from crossroute.domains.spec import DomainSpec
-from crossroute.measure.evaluate import EVAL_SEED, EvalProtocol, evaluate_all
+from crossroute.measure.evaluate import EvalProtocol, evaluate_checkpoint
 from crossroute.measure.stats import paired_by_key, paired_diff
 from crossroute.model.load import check_checkpoint_dir, load_model
 from crossroute.repair.merge import (
@@ -194,7 +195,7 @@ def freeze_mask_for(model_path: Path, cores: list[dict[str, torch.Tensor]]) -> d
 class _Runner:
     def __init__(self, cfg: CpiftConfig, run: RunDir, base: Path) -> None:
         self.cfg, self.run, self.base = cfg, run, base
-        self.domains = cfg.task_domains()
+        self.domains = pin_eval_sets(run.root, cfg.task_domains(), cfg.eval_n)
         self.train_log: dict[str, Any] = run.read_result("cpift_train") or {}
         self.per_example: dict[str, dict[str, dict[str, float]]] = {}
 
@@ -215,9 +216,7 @@ class _Runner:
 
     def evaluate(self, ckpt: Path) -> dict[str, float]:
         """Each task's score on `ckpt`; every example's score is kept (self.per_example) for paired tests."""
-        loaded = load_model(ckpt)
-        scores = evaluate_all(loaded.model, loaded.tokenizer, self.domains, n=self.cfg.eval_n, seed=EVAL_SEED,
-                              protocol=self.cfg.eval)
+        scores, _ = evaluate_checkpoint(ckpt, self.domains, self.cfg.eval_n, self.cfg.eval)
         self.per_example[str(ckpt)] = per_example_scores([r for v in scores.values() for r in v.records])
         return {k: v.score for k, v in scores.items()}
 

@@ -36,6 +36,7 @@ from crossroute.analyze.subspace import shared_units
 from crossroute.core.errors import CrossrouteError
 from crossroute.core.rundir import RunDir, result_name
 from crossroute.domains.domain import Domain
+from crossroute.domains.evalset import pin_eval_sets
 from crossroute.domains.files import as_domains, get_domain
 from crossroute.measure.evaluate import EVAL_SEED, evaluate_domain
 from crossroute.measure.hvp import grad_and_hvp
@@ -322,8 +323,8 @@ def rollback_result_name(domain: str) -> str:
 def run_rollback(
     now: str | Path,
     to: str | Path,
-    domain: str,
-    others: Sequence[str] | str,
+    domain: Domain | str,
+    others: Sequence[Domain | str] | str,
     fractions: Sequence[float] = FRACTIONS,
     run_dir: str | Path | None = None,
     save_best: str | Path | None = None,
@@ -342,8 +343,14 @@ def run_rollback(
 
     `threads`: torch CPU threads for the duration (None: leave as is; see run_damage).
     """
+    da: Domain | str = domain
+    dos: Sequence[Domain | str] | str = others
+    if run_dir is not None:  # the run's pinned eval sets (drawn and written there when it has none)
+        pinned = pin_eval_sets(Path(run_dir), [get_domain(domain) if isinstance(domain, str) else domain,
+                                                    *as_domains(others)], eval_n)
+        da, dos = pinned[0], pinned[1:]
     with torch_threads(threads):
-        res = rollback_sweep(now, to, domain, others, fractions, selectors, joint, eval_n=eval_n,
+        res = rollback_sweep(now, to, da, dos, fractions, selectors, joint, eval_n=eval_n,
                              n=n, batch_size=batch_size, q=q, routes_n=routes_n, seed=seed,
                              save_best=save_best, device=device)
     if run_dir is not None:
