@@ -35,3 +35,23 @@ def test_compare_runs_pairs_rows_and_prompts() -> None:
     c = compare_runs(["04_cw"], a, b, ["math", "qa"])
     assert c["04_cw"]["math"]["value"] == pytest.approx(50.0) and c["04_cw"]["math"]["test"] == "mcnemar_exact"
     assert c["04_cw"]["qa"]["value"] == 0.0 and c["04_cw"]["qa"]["p"] == 1.0
+
+
+def test_report_plots_carry_error_bars_and_marks(tmp_path) -> None:  # noqa: ANN001
+    from crossroute.core.rundir import RunDir
+    from crossroute.report.sections.forgetting import render
+
+    rows = ["base", "01_math", "02_qa"]
+    mats = [_row([0, 0, 1, 1, 0, 0, 0, 0, 0, 0], [0] * 10), _row([1] * 5 + [0] * 5, [0] * 10),
+            _row([1, 0, 1, 0, 0, 0, 0, 0, 0, 0], [1, 1] + [0] * 8)]
+    paired = paired_summary(rows, mats, ["math", "qa"], ["math", "qa"], refresh_row=None)
+    res = {"rows": rows, "domains": ["math", "qa"], "matrix": [[20.0, 0.0], [50.0, 0.0], [20.0, 20.0]],
+           "ci": [[[0, 50], [0, 0]], [[20, 80], [0, 0]], [[0, 50], [0, 50]]], "peak": {"math": 50.0, "qa": 20.0},
+           "forgetting": {"math": 30.0, "qa": 0.0}, "backward_transfer": -15.0, "average_base": 10.0,
+           "average_final": 20.0, "own_stage_gain": {"01_math": 30.0, "02_qa": 20.0}, "paired": paired}
+    run = RunDir(tmp_path)
+    run.results.mkdir(parents=True)
+    run.write_result("forgetting", res)
+    html = render(run) or ""
+    assert 'alt="paired differences"' in html and 'alt="score per domain across stages"' in html
+    assert "* marks a CI that excludes 0" in html

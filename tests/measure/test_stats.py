@@ -132,3 +132,26 @@ def test_sampled_avg_at_k_agrees_with_p_ref() -> None:
     assert all(len(r["completions"]) == 16 for r in s.records)
     again = evaluate_domain(loaded.model, loaded.tokenizer, BUILTIN["math"], n=40, protocol=proto)
     assert [r["completions"] for r in again.records] == [r["completions"] for r in s.records]  # seeded
+
+
+def test_clopper_pearson_matches_published_values() -> None:
+    # R: binom.test(3, 10)$conf.int = 0.06673951 0.65245285; binom.test(0, 10): 0 0.3084971
+    from crossroute.measure.stats import clopper_pearson
+
+    assert clopper_pearson(3, 10) == pytest.approx((0.06673951, 0.65245285), abs=1e-7)
+    assert clopper_pearson(0, 10) == pytest.approx((0.0, 0.3084971), abs=1e-7)
+    assert clopper_pearson(10, 10)[1] == 1.0
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, 25), st.integers(0, 25), st.integers(0, 40))
+def test_binary_paired_ci_agrees_with_mcnemar(n01: int, n10: int, ties: int) -> None:
+    # 0/1 outcomes: the CI excludes 0 exactly when the exact McNemar p < 0.05, and it brackets the difference.
+    a = [0.0] * n01 + [1.0] * n10 + [1.0] * ties
+    b = [1.0] * n01 + [0.0] * n10 + [1.0] * ties
+    if not a:
+        return
+    d = paired_diff(a, b)
+    assert d.lo - 1e-6 <= d.value <= d.hi + 1e-6
+    if n01 + n10:
+        assert d.significant == (mcnemar_p(a, b) < 0.05)

@@ -101,22 +101,67 @@ def sign_flip_p(d: Sequence[float], n_perm: int = N_PERM, seed: int = 0) -> floa
     return float((1 + np.sum(null >= obs - 1e-12)) / (n_perm + 1))
 
 
+def _binom_tail_ge(k: int, m: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(m, p), summed in log space."""
+    if k <= 0:
+        return 1.0
+    if p <= 0.0:
+        return 0.0
+    if p >= 1.0:
+        return 1.0
+    lp, lq = math.log(p), math.log1p(-p)
+    terms = [math.lgamma(m + 1) - math.lgamma(i + 1) - math.lgamma(m - i + 1) + i * lp + (m - i) * lq
+             for i in range(k, m + 1)]
+    top = max(terms)
+    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
+
+
+def clopper_pearson(k: int, m: int, level: float = LEVEL) -> tuple[float, float]:
+    """The exact (Clopper-Pearson) CI of a binomial proportion with k successes in m trials, by bisection."""
+    a = (1 - level) / 2
+
+    def solve(f: Any) -> float:  # f increasing in p
+        lo, hi = 0.0, 1.0
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if f(mid) < 0 else (lo, mid)
+        return (lo + hi) / 2
+
+    lower = 0.0 if k == 0 else solve(lambda p: _binom_tail_ge(k, m, p) - a)
+    upper = 1.0 if k == m else solve(lambda p: a - (1.0 - _binom_tail_ge(k + 1, m, p)))
+    return lower, upper
+
+
+def mcnemar_ci(a: Sequence[float], b: Sequence[float], level: float = LEVEL) -> tuple[float, float]:
+    """CI of mean(b - a) for paired 0/1 outcomes, exact conditional on the m discordant pairs: the Clopper-Pearson
+    interval of the share pi of (0 -> 1) pairs, mapped to (m / n)(2 pi - 1). It excludes 0 exactly when the exact
+    McNemar test rejects at 1 - level, so the CI and the p-value never disagree (a bootstrap CI can)."""
+    n01 = sum(1 for x, y in zip(a, b, strict=True) if x == 0 and y == 1)
+    m = n01 + sum(1 for x, y in zip(a, b, strict=True) if x == 1 and y == 0)
+    if m == 0:
+        return 0.0, 0.0
+    lo, hi = clopper_pearson(n01, m, level)
+    scale = m / len(a)
+    return scale * (2 * lo - 1), scale * (2 * hi - 1)
+
+
 def _binary(x: Sequence[float]) -> bool:
     return all(v in (0.0, 1.0) for v in x)
 
 
 def paired_diff(a: Sequence[float], b: Sequence[float], level: float = LEVEL, n_boot: int = N_BOOT,
                 seed: int = 0) -> Difference:
-    """`b - a` in points over paired examples: bootstrap CI of the mean difference, McNemar or sign-flip p."""
+    """`b - a` in points over paired examples. 0/1 scores: exact McNemar p and its conditional exact CI
+    (mcnemar_ci); other scores: percentile-bootstrap CI of the mean difference and a sign-flip p."""
     if len(a) != len(b):
         raise ValueError(f"paired scores need equal lengths, got {len(a)} and {len(b)}")
     if len(a) == 0:
         return Difference(float("nan"), float("nan"), float("nan"), float("nan"), 0, "none")
     d = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
-    lo, hi = _percentile(_boot_means(d, n_boot, seed), level)
     if _binary(a) and _binary(b):
-        p, test = mcnemar_p(a, b), "mcnemar_exact"
+        (lo, hi), p, test = mcnemar_ci(a, b, level), mcnemar_p(a, b), "mcnemar_exact"
     else:
+        lo, hi = _percentile(_boot_means(d, n_boot, seed), level)
         p, test = sign_flip_p(d, seed=seed), "sign_flip"
     return Difference(round(100 * float(d.mean()), 4), round(100 * lo, 4), round(100 * hi, 4), round(p, 6),
                       int(d.size), test)

@@ -25,17 +25,49 @@ def section(title: str, body: str) -> str:
     return f"<section><h2>{html.escape(title)}</h2>{body}</section>"
 
 
-def line_plot(x_labels: list[str], series: dict[str, list[float]], title: str, ylabel: str) -> str:
-    """One line per series over categorical x positions, as an inline <img>."""
+def line_plot(x_labels: list[str], series: dict[str, list[float]], title: str, ylabel: str,
+              errors: dict[str, list[tuple[float, float]]] | None = None) -> str:
+    """One line per series over categorical x positions, as an inline <img>; `errors` gives a series' 95 % CI
+    [lo, hi] per point, drawn as error bars."""
     fig = Figure(figsize=(6.5, 3.6))
     ax = fig.add_subplot()
-    for name, ys in series.items():
-        ax.plot(range(len(ys)), ys, marker="o", label=name)
+    for k, (name, ys) in enumerate(series.items()):
+        xs = [i + 0.04 * (k - (len(series) - 1) / 2) for i in range(len(ys))]  # dodge overlapping bars
+        ci = (errors or {}).get(name)
+        if ci:
+            yerr = [[max(0.0, y - lo) for y, (lo, _) in zip(ys, ci, strict=True)],
+                    [max(0.0, hi - y) for y, (_, hi) in zip(ys, ci, strict=True)]]
+            ax.errorbar(xs, ys, yerr=yerr, marker="o", capsize=3, label=name)
+        else:
+            ax.plot(xs, ys, marker="o", label=name)
     ax.set_xticks(range(len(x_labels)), labels=x_labels, rotation=30, ha="right")
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    ax.set_title(title + (" (bars: 95 % CI)" if errors else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return fig_to_img_tag(fig, alt=title)
+
+
+def interval_plot(labels: list[str], figures: list[dict[str, Any]], title: str, ylabel: str) -> str:
+    """Paired differences as points with their 95 % CI bars around a zero line; * above a CI that excludes 0.
+    Each figure is a paired_diff JSON (value, lo, hi)."""
+    fig = Figure(figsize=(max(4.0, 0.9 * len(labels) + 2), 3.2))
+    ax = fig.add_subplot()
+    vals = [float(f["value"]) for f in figures]
+    lo = [float(f["lo"]) for f in figures]
+    hi = [float(f["hi"]) for f in figures]
+    xs = list(range(len(labels)))
+    ax.errorbar(xs, vals, yerr=[[max(0.0, v - a) for v, a in zip(vals, lo, strict=True)],
+                                [max(0.0, b - v) for v, b in zip(vals, hi, strict=True)]],
+                fmt="o", capsize=4, color="#4c72b0")
+    ax.axhline(0, color="black", lw=0.7)
+    for x, a, b in zip(xs, lo, hi, strict=True):
+        if a > 0 or b < 0:
+            ax.annotate("*", (x, b), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=14)
+    ax.set_xticks(xs, labels=labels, rotation=20, ha="right")
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{title} (95 % CI; * excludes 0)")
+    ax.grid(alpha=0.3, axis="y")
     return fig_to_img_tag(fig, alt=title)
 
 

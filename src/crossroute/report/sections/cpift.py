@@ -11,7 +11,7 @@ from crossroute.report.registry import register_section
 
 def render_cpift_section(result: dict[str, Any]) -> str:
     """HTML <section> for results/cpift.json: method table, core overlap heat map, groups, fusion stats."""
-    from crossroute.report.html import section, table
+    from crossroute.report.html import interval_plot, section, table
     from crossroute.report.plots import heatmap
 
     doms = result["domains"]
@@ -29,6 +29,16 @@ def render_cpift_section(result: dict[str, Any]) -> str:
              f"<b>{html.escape(result['lowest'])}</b>. Seed claim (mixed SFT lowest, CPI-FT best): "
              f"mixed lowest {'holds' if claim.get('mixed_lowest') else 'does not hold'}, CPI-FT best "
              f"{'holds' if claim.get('cpift_best') else 'does not hold'} here.</p>")
+    vs = result.get("cpift_vs") or {}
+    if vs:
+        body += ("<h3>CPI-FT minus each baseline, paired over the same prompts</h3><p>95 % CI and p-value (exact "
+                 "McNemar for 0/1 scores, else bootstrap CI and sign-flip p); * marks a CI that excludes 0.</p>")
+        labels = [f"{t} vs {m}" for m, per in vs.items() for t in per]
+        figs = [v for per in vs.values() for v in per.values()]
+        body += interval_plot(labels, figs, "CPI-FT minus baseline", "points")
+        body += table(["baseline", "task", "difference", "CI low", "CI high", "p", "n"],
+                      [[m, t, f"{v['value']:+.2f}{'*' if v.get('significant') else ''}", float(v["lo"]),
+                        float(v["hi"]), float(v["p"]), v["n"]] for m, per in vs.items() for t, v in per.items()])
     body += heatmap(core["jaccard"], doms, doms, f"Jaccard of core regions (τ = {core['tau']:g})")
     body += ("<p>Groups: " + " | ".join(html.escape("+".join(g)) for g in core["groups"])
              + f". Transplanted {fz['transplanted']} entries; {fz['collisions']} lay in two or more cores "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 
 from crossroute.core.rundir import RunDir
-from crossroute.report.html import line_plot, section, table
+from crossroute.report.html import interval_plot, line_plot, section, table
 from crossroute.report.plots import heatmap
 from crossroute.report.registry import register_section
 
@@ -19,8 +19,10 @@ def render(run: RunDir) -> str | None:
     body = "<p>E[stage, domain]: held-out score of every domain after every stage (row <i>base</i> is the " \
            "starting checkpoint). Peak, forgetting F = peak - final, backward transfer (BWT) as in DESIGN.md 2.1.</p>"
     body += heatmap(m, rows, doms, "forgetting matrix E[stage, domain]", vmin=0.0, vmax=100.0)
+    ci = res.get("ci")
+    errors = {d: [tuple(c[j]) for c in ci] for j, d in enumerate(doms)} if ci else None
     body += line_plot(rows, {d: [r[j] for r in m] for j, d in enumerate(doms)}, "score per domain across stages",
-                      "held-out score")
+                      "held-out score", errors=errors)
     body += table(["stage", *doms, "average"], [[r, *map(float, x), sum(x) / len(x)] for r, x in zip(rows, m,
                                                                                                     strict=True)])
     body += table(["", *doms], [["peak", *[float(res["peak"][d]) for d in doms]],
@@ -31,6 +33,12 @@ def render(run: RunDir) -> str | None:
                  "an untrained domain, minus the end of the sequence), paired over the same prompts: 95 % bootstrap "
                  "CI and p-value (McNemar for 0/1 scores); * marks a CI that excludes 0. The max-based figure above "
                  "is biased upward by the max over noisy rows.</p>")
+        paired = res["paired"]
+        labels = [f"forgetting {d}" for d in pf] + [f"gain {k}" for k in paired.get("own_stage_gain", {})] + \
+            [f"refresh {d}" for d in paired.get("refresh") or {}]
+        figs = list(pf.values()) + list(paired.get("own_stage_gain", {}).values()) + \
+            list((paired.get("refresh") or {}).values())
+        body += interval_plot(labels, figs, "paired differences", "points")
         body += table(["domain", "from", "to", "forgetting", "CI low", "CI high", "p", "n"],
                       [[d, v["from"], v["to"], f"{v['value']:+.2f}{'*' if v.get('significant') else ''}",
                         float(v["lo"]), float(v["hi"]), float(v["p"]), v["n"]] for d, v in pf.items()])
@@ -42,6 +50,10 @@ def render(run: RunDir) -> str | None:
         body += (f"<h3>Over training seeds {html.escape(str(sd['seeds']))}</h3><p>The matrix above is the mean over "
                  "seeds (each seed's own run is in RUN/seeds/&lt;k&gt;/). Every paired figure per seed, with its "
                  "mean, SD and 95 % t-interval across seeds:</p>")
+        agg = {k: v for k, v in sd["aggregate"].items() if v.get("lo") is not None}
+        if agg:
+            body += interval_plot(list(agg), [{"value": v["mean"], "lo": v["lo"], "hi": v["hi"]} for v in agg.values()],
+                                  "across training seeds (t-interval)", "points")
         body += table(["figure", "mean", "SD", "CI low", "CI high", "per seed"],
                       [[k, v["mean"], v["sd"] if v["sd"] is not None else "-",
                         v["lo"] if v["lo"] is not None else "-", v["hi"] if v["hi"] is not None else "-",

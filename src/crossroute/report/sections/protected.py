@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from crossroute.core.rundir import RunDir
-from crossroute.report.html import section, table
+from crossroute.report.html import interval_plot, section, table
 from crossroute.report.registry import register_section
 
 
@@ -32,6 +32,8 @@ def render(run: RunDir) -> str | None:
         end = [r for r in plain["rows"] if not r.startswith("refresh_")][-1]
         body += (f"<h3>Protected minus unprotected at {end}, paired over the same prompts</h3>"
                  "<p>95 % bootstrap CI and p-value (McNemar for 0/1 scores); * marks a CI that excludes 0.</p>")
+        body += interval_plot(list(vs[end]), list(vs[end].values()), f"protected minus unprotected at {end}",
+                              "points")
         body += table(["domain", "difference", "CI low", "CI high", "p", "n"],
                       [[d, f"{v['value']:+.2f}{'*' if v.get('significant') else ''}", float(v["lo"]), float(v["hi"]),
                         float(v["p"]), v["n"]] for d, v in vs[end].items()])

@@ -34,17 +34,24 @@ def render_rollback_section(result: dict) -> str:
             continue
         fig = Figure(figsize=(6.5, 3.4))
         ax = fig.add_subplot()
+        gap = float(result.get("score_peak", float("nan"))) - float(now.get(result.get("domain"), float("nan")))
         for sel in result.get("selectors") or []:
-            xs = [p["fraction"] for p in pts if p["selector"] == sel]
-            ys = [float("nan") if p["recovery"] is None else p["recovery"]
-                  for p in pts if p["selector"] == sel]
-            ax.plot(xs, ys, marker="o", label=sel)
+            mine = [p for p in pts if p["selector"] == sel]
+            xs = [p["fraction"] for p in mine]
+            ys = [float("nan") if p["recovery"] is None else p["recovery"] for p in mine]
+            ci = [(p.get("change") or {}).get(result.get("domain")) for p in mine]
+            if gap > 0 and all(c is not None for c in ci):  # the paired CI of A's change, on the recovery scale
+                yerr = [[max(0.0, y - c["lo"] / gap) for y, c in zip(ys, ci, strict=True)],
+                        [max(0.0, c["hi"] / gap - y) for y, c in zip(ys, ci, strict=True)]]
+                ax.errorbar(xs, ys, yerr=yerr, marker="o", capsize=3, label=sel)
+            else:
+                ax.plot(xs, ys, marker="o", label=sel)
         ax.set_xscale("log", base=2)
         ax.axhline(0, color="black", lw=0.6)
         ax.set_xlabel("units rolled back [% of pool]")
         ax.set_ylabel(f"recovery on {result.get('domain')}")
         label = "MLP neurons" if variant == "mlp" else "neurons + heads + KV groups"
-        ax.set_title(f"{label} (pool {result.get('pool_sizes', {}).get(variant, '')})")
+        ax.set_title(f"{label} (pool {result.get('pool_sizes', {}).get(variant, '')}; bars: paired 95 % CI)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         parts.append(fig_to_img_tag(fig, f"rollback recovery ({variant})"))
