@@ -104,3 +104,27 @@ def test_sweep_writes_json_and_saves_best(pair: tuple[Path, Path], tmp_path: Pat
     assert res.score_peak == out["score_peak"]
     html = render_rollback_section(out)
     assert "<img" in html and "recovery" in html
+
+
+def test_the_whole_joint_pool_is_theta_a_bitwise_and_scores_as_theta_a(pair: tuple[Path, Path]) -> None:
+    # 100 % of the joint pool includes the tensors outside units (norms, embeddings): the model is theta_A exactly,
+    # so every domain scores exactly theta_A's score on the same prompts.
+    from crossroute.measure.evaluate import evaluate_domain
+    from crossroute.repair.rollback import VARIANT_KINDS, rollback_sweep
+
+    a, now = pair
+    la, ln = load_model(a), load_model(now)
+    umap = UnitMap.of_model(ln.model)
+    ids = [u for k in VARIANT_KINDS["joint"] for u in umap.ids(k)]
+    assert sorted(ids) == sorted(all_units(umap)) and "model.norm.weight" in ids
+    swapper = Swapper(ln.model, dict(la.model.named_parameters()))
+    with swapper.rolled_back(ids):
+        assert _identical(_state(ln.model), _state(la.model))
+    res = rollback_sweep(now, a, "math", "qa", fractions=(100,), selectors=("random",), eval_n=8, n=4,
+                         batch_size=4, routes_n=4)
+    joint = next(p for p in res.points if p.variant == "joint")
+    for d in ("math", "qa"):
+        from crossroute.domains.files import get_domain
+
+        assert joint.scores[d] == evaluate_domain(la.model, la.tokenizer, get_domain(d), n=8).score
+    assert "nothing" in res.pool_excludes["joint"] and "embeddings" in res.pool_excludes["mlp"]

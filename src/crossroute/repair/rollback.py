@@ -8,7 +8,9 @@ budget is larger than that pool it continues with the remaining units by attribu
 at the same budget: "random" (seeded, nested across fractions) and "magnitude" (largest ‖δ_u‖).
 
 Variants: "mlp" (MLP neurons only; budget = fraction of all neurons) and "joint" (neurons,
-attention heads and KV groups; budget = fraction of all of those units).
+attention heads, KV groups, router rows and every other tensor as one unit each, so that 100 % of the
+joint pool is θ_A bitwise; budget = fraction of all of those units). Each result names what its pools
+exclude (`pool_excludes`).
 
 Each sweep point writes θ_A's slices of the selected units into the loaded θ_now model in place,
 evaluates A and the others (greedy, crossroute.evaluate), and swaps the saved θ_now slices back
@@ -47,7 +49,13 @@ from crossroute.model.units import UnitMap, parse_unit_id
 
 FRACTIONS: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 SELECTORS: tuple[str, ...] = ("conflict", "random", "magnitude")
-VARIANT_KINDS: dict[str, tuple[str, ...]] = {"mlp": ("neuron",), "joint": ("neuron", "head", "kv", "router")}
+VARIANT_KINDS: dict[str, tuple[str, ...]] = {"mlp": ("neuron",),
+                                             "joint": ("neuron", "head", "kv", "router", "other")}
+# What each variant's pool leaves at θ_now, named in the result: 100 % of the joint pool is θ_A exactly.
+VARIANT_EXCLUDES: dict[str, str] = {
+    "mlp": "attention heads, KV groups, MoE router rows and every tensor outside units (embeddings, norms, "
+           "q/k norms, lm_head, biases)",
+    "joint": "nothing: whole tensors outside units (embeddings, norms, lm_head, ...) are units of their own"}
 
 
 # ----------------------------------------------------------------------------- in-place swap
@@ -170,6 +178,7 @@ class RollbackResult:
     score_now: dict[str, float]
     score_to: dict[str, float]
     pool_sizes: dict[str, int]
+    pool_excludes: dict[str, str]
     n_shared: dict[str, int]
     points: list[RollbackPoint]
     best: dict[str, Any] | None = None
@@ -308,7 +317,8 @@ def rollback_sweep(
         domain=da.name, now=str(ln.path), to=str(Path(to)), others=[d.name for d in dos],
         fractions=[float(f) for f in fractions], selectors=list(selectors), variants=variants,
         eval_n=eval_n, seed=seed, score_peak=score_peak, score_now=score_now, score_to=score_to,
-        pool_sizes=pool_sizes, n_shared=n_shared, points=points, best=best,
+        pool_sizes=pool_sizes, pool_excludes={v: VARIANT_EXCLUDES[v] for v in variants}, n_shared=n_shared,
+        points=points, best=best,
         damage={"loss_a_at_to": loss_a, "first_order": first, "second_order": second},
         runtime_s=time.perf_counter() - t0,
         meta={"n": n, "batch_size": batch_size, "split": split, "q": q, "routes_n": routes_n,

@@ -28,6 +28,10 @@ def render_rollback_section(result: dict) -> str:
              f"now) / (peak − now) on {a}: now {now.get(result.get('domain'), float('nan')):.2f}, "
              f"peak {float(result.get('score_peak', float('nan'))):.2f} "
              f"(greedy, n = {result.get('eval_n')}).</p>"]
+    excl = result.get("pool_excludes") or {}
+    if excl:
+        parts.append("<p>Each pool leaves at θ<sub>now</sub>: " + "; ".join(
+            f"<b>{html.escape(v)}</b>: {html.escape(e)}" for v, e in excl.items()) + ".</p>")
     for variant in result.get("variants") or []:
         pts = [p for p in points if p["variant"] == variant]
         if not pts:
