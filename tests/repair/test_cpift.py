@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -67,7 +68,7 @@ def test_fuse_transplants_cores_and_slerps_rest(tmp_path: Path) -> None:
     base, t1, t2 = (make_tiny(tmp_path / n, s) for n, s in (("b", 0), ("t1", 1), ("t2", 2)))
     c1, _ = core_masks(base, t1, 1.0)
     c2, _ = core_masks(base, t2, 1.0)
-    stats = fuse(base, [t1, t2], [c1, c2], tmp_path / "fused", omega=0.0)
+    stats = fuse(base, [t1, t2], [c1, c2], tmp_path / "fused", omega=0.0, fusion="raw_slerp")
     b, a1 = load_file(str(base / "model.safetensors")), load_file(str(t1 / "model.safetensors"))
     f = load_file(str(tmp_path / "fused" / "model.safetensors"))
     name = max(c1, key=lambda k: c1[k].numel() - (c2[k].numel() if k in c2 else 0))
@@ -79,8 +80,59 @@ def test_fuse_transplants_cores_and_slerps_rest(tmp_path: Path) -> None:
         keep[c2[name]] = False
     assert torch.equal(f[name].reshape(-1)[keep], b[name].reshape(-1)[keep])  # omega 0: non-core = base
     assert stats["transplanted"] > 0 and stats["collisions"] >= 0
+    assert stats["fusion"] == "raw_slerp" and stats["angles_deg"]["n"] > 0
     fm = freeze_mask_for(base, [c1])
     assert sum(int(m.sum()) for m in fm.values()) == sum(int(v.numel()) for v in c1.values())
+
+
+def _mergekit_slerp(t: float, v0: np.ndarray, v1: np.ndarray, dot_threshold: float = 0.9995,
+                    eps: float = 1e-8) -> np.ndarray:
+    """mergekit's slerp formula (merge_methods/slerp.py), written out again in numpy for comparison."""
+    n0, n1 = np.linalg.norm(v0), np.linalg.norm(v1)
+    u0 = v0 / n0 if n0 > eps else v0
+    u1 = v1 / n1 if n1 > eps else v1
+    dot = float(np.sum(u0 * u1))
+    if abs(dot) > dot_threshold:
+        return (1 - t) * v0 + t * v1
+    theta0 = np.arccos(dot)
+    return np.sin(theta0 - theta0 * t) / np.sin(theta0) * v0 + np.sin(theta0 * t) / np.sin(theta0) * v1
+
+
+@pytest.mark.parametrize("t", [0.0, 0.3, 0.5, 0.9])
+def test_slerp_matches_mergekits_formula(t: float) -> None:
+    from crossroute.repair.merge import slerp
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=300).astype(np.float32), rng.normal(size=300).astype(np.float32)
+    got = slerp(torch.from_numpy(a), torch.from_numpy(b), t).numpy()
+    assert np.allclose(got, _mergekit_slerp(t, a.astype(np.float64), b.astype(np.float64)), atol=1e-5)
+    near = a + 1e-3 * b  # colinear beyond the threshold: both fall back to linear interpolation
+    assert np.allclose(slerp(torch.from_numpy(a), torch.from_numpy(near), t).numpy(),
+                       _mergekit_slerp(t, a.astype(np.float64), near.astype(np.float64)), atol=1e-5)
+
+
+def test_task_vector_fusion_slerps_the_updates_not_the_weights(tmp_path: Path) -> None:
+    base, t1, t2 = (make_tiny(tmp_path / n, s) for n, s in (("b", 0), ("t1", 1), ("t2", 2)))
+    empty = [{}, {}]  # no cores: every entry is fused
+    stats = fuse(base, [t1, t2], empty, tmp_path / "fused", omega=0.5)
+    b, a1, a2 = (load_file(str(p / "model.safetensors")) for p in (base, t1, t2))
+    f = load_file(str(tmp_path / "fused" / "model.safetensors"))
+    for name in b:
+        tau1 = (a1[name] - b[name]).reshape(-1).double().numpy()
+        tau2 = (a2[name] - b[name]).reshape(-1).double().numpy()
+        want = b[name].reshape(-1).double().numpy() + _mergekit_slerp(0.5, tau1, tau2)
+        assert np.allclose(f[name].reshape(-1).double().numpy(), want, atol=1e-5), name
+    # independent random models: their updates are near-orthogonal, far from raw weights' colinearity
+    assert stats["fusion"] == "task_vector_slerp" and 60 < stats["angles_deg"]["mean"] < 120
+    zero = sum(1 for n in b if torch.equal(a1[n], b[n]) or torch.equal(a2[n], b[n]))  # norms: both at 1
+    assert stats["slerp_pairs_linear_fallback"] == zero and stats["fuse_from"] == "base"
+    fuse(base, [t1, t2], empty, tmp_path / "from_t1", omega=0.5, start=t1)  # start = t1: its update SLERPed in
+    g = load_file(str(tmp_path / "from_t1" / "model.safetensors"))
+    name = next(iter(b))
+    tau_s = (a1[name] - b[name]).reshape(-1).double().numpy()
+    fused_tau = (f[name] - b[name]).reshape(-1).double().numpy()
+    want = b[name].reshape(-1).double().numpy() + _mergekit_slerp(0.5, tau_s, fused_tau)
+    assert np.allclose(g[name].reshape(-1).double().numpy(), want, atol=1e-4)
 
 
 def test_tiny_end_to_end_and_section(tmp_path: Path) -> None:

@@ -16,10 +16,11 @@ per task, in config order): the same total steps as the probes.
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
@@ -74,6 +75,12 @@ class CpiftConfig(BaseModel):
     tau: float = Field(0.1, ge=0, le=1)
     omega: float = Field(0.5, ge=0, le=1)
     slerp_eps: float = Field(DEFAULT_EPS, gt=0, lt=1)
+    fusion: Literal["task_vector_slerp", "raw_slerp"] = Field(
+        "task_vector_slerp", description="SLERP between task vectors theta_i - theta_0 (raw weights of a base and "
+        "its fine-tune are colinear, so raw SLERP is plain interpolation), or raw-weight SLERP with the base")
+    fuse_from: Literal["base", "sequential_sft"] = Field(
+        "base", description="the model fusion starts from: theta_0, or the final multi-stage (sequential SFT) "
+        "model, whose task vector is SLERPed with the tasks' by omega")
     sft: dict[str, Any] = Field(default_factory=dict)
     _built: list[Domain] | None = PrivateAttr(None)
 
@@ -143,37 +150,108 @@ def group_tasks(jaccard: list[list[float]], tau: float) -> list[list[int]]:
     return sorted(groups.values(), key=lambda g: g[0])
 
 
-def fuse(base: str | Path, task_models: list[Path], cores: list[dict[str, torch.Tensor]], out: str | Path,
-         omega: float, eps: float = DEFAULT_EPS) -> dict[str, Any]:
-    """Steps 3-4, streaming: core entries transplanted, non-core entries the mean of SLERP(θ0, θ_i, ω)."""
-    collisions = moved = fallback = n_tensors = 0
+def _angle_deg(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """The angle between two flat vectors in degrees (None when one is zero)."""
+    na, nb = float(torch.linalg.vector_norm(a)), float(torch.linalg.vector_norm(b))
+    if na == 0.0 or nb == 0.0:
+        return None
+    cos = max(-1.0, min(1.0, float(torch.dot(a, b)) / (na * nb)))
+    return math.degrees(math.acos(cos))
 
-    def fn(name: str, a: torch.Tensor, rest: list[torch.Tensor]) -> torch.Tensor:
+
+def fuse_task_vectors(taus: list[torch.Tensor], omega: float, eps: float) -> tuple[torch.Tensor, list[float | None],
+                                                                                     int]:
+    """One task vector from several by SLERP: two tasks SLERP(tau_1, tau_2, omega); more tasks incrementally,
+    tau = SLERP(tau, tau_i, 1/i), every task weighted equally. Returns it, each step's angle, linear fallbacks."""
+    acc = taus[0].float()
+    angles: list[float | None] = []
+    fallback = 0
+    for i, tau in enumerate(taus[1:], start=2):
+        t = omega if len(taus) == 2 else 1.0 / i
+        angles.append(_angle_deg(acc, tau.float()))
+        acc, lin = slerp_flagged(acc, tau.float(), t, eps)
+        fallback += int(lin)
+    return acc, angles, fallback
+
+
+def _angle_summary(angles: list[float]) -> dict[str, float | int | None]:
+    """Mean, min, median and max of per-tensor angles in degrees."""
+    if not angles:
+        return {"n": 0, "mean": None, "min": None, "median": None, "max": None}
+    xs = sorted(angles)
+    return {"n": len(xs), "mean": round(sum(xs) / len(xs), 3), "min": round(xs[0], 3),
+            "median": round(xs[len(xs) // 2], 3), "max": round(xs[-1], 3)}
+
+
+def fuse(base: str | Path, task_models: list[Path], cores: list[dict[str, torch.Tensor]], out: str | Path,
+         omega: float, eps: float = DEFAULT_EPS, fusion: str = "task_vector_slerp",
+         start: Path | None = None) -> dict[str, Any]:
+    """Steps 3-4, streaming: core entries transplanted; non-core entries fused by `fusion`:
+
+    task_vector_slerp: theta_0 + SLERP of the task vectors theta_i - theta_0 (fuse_task_vectors); with `start`
+    (the final multi-stage model theta_S), theta_0 + SLERP(theta_S - theta_0, that vector, omega).
+    raw_slerp: the mean over tasks of SLERP(theta_0, theta_i, omega) on raw weights (nearly always a linear
+    fallback: the vectors are colinear). Angles between the SLERPed vectors are reported per tensor."""
+    collisions = moved = fallback = n_tensors = 0
+    angles: list[float] = []
+    start_angles: list[float] = []
+    k = len(task_models)
+
+    def fn(name: str, a: torch.Tensor, models: list[torch.Tensor]) -> torch.Tensor:
         nonlocal collisions, moved, fallback, n_tensors
+        rest, start_t = models[:k], (models[k] if start is not None else None)
         idx = [c.get(name) for c in cores]
         flat = a.reshape(-1)
         keep = torch.ones(flat.numel(), dtype=torch.bool)
         for i in idx:
             if i is not None:
                 keep[i] = False
-        acc = torch.zeros(int(keep.sum()), dtype=torch.float32)
-        for r in rest:
-            s, lin = slerp_flagged(flat[keep], r.reshape(-1)[keep], omega, eps)
-            acc += s
-            fallback += int(lin)
+        base_k = flat[keep].float()
+        if fusion == "raw_slerp":
+            acc = torch.zeros(int(keep.sum()), dtype=torch.float32)
+            for r in rest:
+                angle = _angle_deg(base_k, r.reshape(-1)[keep].float())
+                if angle is not None:
+                    angles.append(angle)
+                s, lin = slerp_flagged(base_k, r.reshape(-1)[keep], omega, eps)
+                acc += s
+                fallback += int(lin)
+            mixed_k = acc / len(rest)
+        else:
+            taus = [r.reshape(-1)[keep].float() - base_k for r in rest]
+            tau, step_angles, fb = fuse_task_vectors(taus, omega, eps)
+            angles.extend(x for x in step_angles if x is not None)
+            fallback += fb
+            if start_t is not None:
+                tau_s = start_t.reshape(-1)[keep].float() - base_k
+                angle = _angle_deg(tau_s, tau)
+                if angle is not None:
+                    start_angles.append(angle)
+                tau, lin = slerp_flagged(tau_s, tau, omega, eps)
+                fallback += int(lin)
+            mixed_k = base_k + tau
         n_tensors += 1
         mixed = flat.clone()
-        mixed[keep] = acc / len(rest)
+        mixed[keep] = mixed_k.to(flat.dtype)
         res, c, m = transplant_cores(mixed, rest, idx)
         # the collision rule compares |θ_i − θ0| with θ0, not with the SLERP-mixed value
         collisions += c
         moved += m
         return res.view(a.shape)
 
-    stream_merge(base, task_models, out, fn)
-    return {"collisions": collisions, "transplanted": moved, "slerp_tensors": n_tensors,
-            "slerp_pairs_linear_fallback": fallback, "omega": omega, "slerp_mode": "averaged over tasks",
-            "collision_rule": "larger |theta_i - theta_0| wins; ties: the earlier task"}
+    stream_merge(base, [*task_models, *([start] if start is not None else [])], out, fn)
+    mode = ("SLERP between task vectors theta_i - theta_0" + (" (incremental, equal weights)" if len(task_models) > 2
+                                                               else f" (omega {omega:g})")
+            if fusion == "task_vector_slerp" else "raw-weight SLERP with the base, averaged over tasks")
+    out_stats: dict[str, Any] = {
+        "collisions": collisions, "transplanted": moved, "slerp_tensors": n_tensors,
+        "slerp_pairs_linear_fallback": fallback, "omega": omega, "fusion": fusion, "slerp_mode": mode,
+        "angles_deg": _angle_summary(angles), "fuse_from": "sequential_sft" if start is not None else "base",
+        "collision_rule": "larger |theta_i - theta_0| wins; ties: the earlier task"}
+    if start is not None:
+        out_stats["start"] = str(start)
+        out_stats["start_angles_deg"] = _angle_summary(start_angles)
+    return out_stats
 
 
 def freeze_mask_for(model_path: Path, cores: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -226,6 +304,14 @@ class _Runner:
         return {t: paired_diff(*paired_by_key(pa[t], pb.get(t, {}))).to_json() for t in pa}
 
 
+def sequential(r: _Runner, base: Path, doms: list[Domain], steps: int) -> Path:
+    """The sequential-SFT baseline (one task after another, resumable); returns its final checkpoint."""
+    prev = base
+    for i, d in enumerate(doms):
+        prev = r.sft(f"seq_{i + 1:02d}_{d.name}", prev, [d], steps)
+    return prev
+
+
 def run_cpift_config(cfg: CpiftConfig, out: str | Path) -> dict[str, Any]:
     """Run (or resume) probes, grouping, fusion, pipeline and both baselines; write results/cpift.json."""
     configure_threads(cfg.threads)
@@ -257,8 +343,9 @@ def run_cpift_config(cfg: CpiftConfig, out: str | Path) -> dict[str, Any]:
     # (3-4) transplant + SLERP
     fused = run.checkpoint("fused")
     fuse_stats = run.read_result("cpift_fuse")
+    start = sequential(r, base, doms, cfg.steps) if cfg.fuse_from == "sequential_sft" else None
     if fuse_stats is None or not run.has_checkpoint("fused"):
-        fuse_stats = fuse(base, probes, cores, fused, cfg.omega, cfg.slerp_eps)
+        fuse_stats = fuse(base, probes, cores, fused, cfg.omega, cfg.slerp_eps, cfg.fusion, start)
         run.write_result("cpift_fuse", fuse_stats)
     console.print(f"fused: {fuse_stats['transplanted']} core entries transplanted, "
                   f"{fuse_stats['collisions']} in two or more cores")
@@ -277,9 +364,7 @@ def run_cpift_config(cfg: CpiftConfig, out: str | Path) -> dict[str, Any]:
     mixed = r.sft("mixed_sft", base, doms, cfg.steps * len(tasks))
     seconds["mixed_sft"] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
-    prev = base
-    for i, d in enumerate(doms):
-        prev = r.sft(f"seq_{i + 1:02d}_{d.name}", prev, [d], cfg.steps)
+    prev = sequential(r, base, doms, cfg.steps)
     seconds["sequential_sft"] = round(time.perf_counter() - t0, 1)
 
     # evaluation
@@ -302,8 +387,8 @@ def run_cpift_config(cfg: CpiftConfig, out: str | Path) -> dict[str, Any]:
         "core": {"percent": cfg.core_percent, "per_task": core_stats, "jaccard": jac, "tau": cfg.tau,
                  "groups": groups, "files": {t: f"cores/{t}.safetensors" for t in tasks}},
         "fuse": fuse_stats, "intermediate_scores": extra,
-        "order": "probes -> cores -> groups -> transplant + SLERP into the base -> pipeline SFT per group "
-                 "(earlier groups' cores frozen)",
+        "order": f"probes -> cores -> groups -> transplant + {fuse_stats.get('slerp_mode', 'SLERP')} from "
+                 f"{fuse_stats.get('fuse_from', 'base')} -> pipeline SFT per group (earlier groups' cores frozen)",
         "config": cfg.model_dump(),
     }
     # CPI-FT minus each baseline, per task, paired over the same prompts (CI, McNemar / sign-flip p).

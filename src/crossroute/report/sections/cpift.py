@@ -21,8 +21,16 @@ def render_cpift_section(result: dict[str, Any]) -> str:
     body = ("<p>Held-out score per domain after each method, all from the same base. Mixed SFT trains on all "
             "tasks at once; sequential SFT one task after another; CPI-FT probes each task, isolates its core "
             f"(global top-{core['percent']:g} % of |θ<sub>i</sub> − θ<sub>0</sub>|), transplants the cores into "
-            f"the base, SLERPs the rest (ω = {fz['omega']:g}, {html.escape(fz['slerp_mode'])}), then runs a short "
+            f"the model fusion starts from ({html.escape(str(fz.get('fuse_from', 'base')))}), fuses the rest "
+            f"(ω = {fz['omega']:g}, {html.escape(fz['slerp_mode'])}), then runs a short "
             "SFT per group with earlier groups' cores frozen.</p>")
+    ang = fz.get("angles_deg") or {}
+    if ang.get("n"):
+        body += (f"<p>Angles between the SLERPed vectors over {ang['n']} tensors: mean {ang['mean']:.1f}°, median "
+                 f"{ang['median']:.1f}°, range [{ang['min']:.1f}°, {ang['max']:.1f}°]; "
+                 f"{fz.get('slerp_pairs_linear_fallback', 0)} pairs fell back to linear interpolation (|cos| > "
+                 "0.9995 or a zero vector). Raw weights of a base and its fine-tune sit at ~0.01°, where SLERP is "
+                 "plain interpolation; task vectors are far apart, where it is not.</p>")
     body += table(["method", *doms, "average", "SFT steps"], rows)
     claim = result.get("claim", {})
     body += (f"<p>Best trained method: <b>{html.escape(result['best'])}</b>; lowest: "
