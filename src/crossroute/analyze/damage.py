@@ -9,12 +9,12 @@ Per unit u (MLP neuron, attention head, KV group, or one "other" tensor such as 
 embedding) damage_u = δ_uᵀ(g_A + ½ H_Aδ)_u; the units partition the parameters, so the
 attributions sum to the first + second order total.
 
-Conflict subspace: k steps of Lanczos (full reorthogonalisation) on H_A restricted to the
-parameter entries of the units active for both A and a later domain B (routes measured at θ_A;
-a KV group counts as active when one of its query heads is), started from δ restricted there.
-Share of the restricted damage carried by the top-r Ritz directions:
-Σ_{i≤r} λ_i (v_iᵀδ)² / δᵀHδ (eigenvalues in decreasing order), and the smallest r reaching 90 %.
-Since the Krylov space contains δ, the shares over all k directions sum to 1.
+Conflict subspace (crossroute.analyze.subspace): on the parameter entries of the units active for
+both A and a later domain B (routes measured at θ_A; a KV group counts as active when one of its
+query heads is), the k largest and k // 2 smallest eigenpairs of H_A's block there, by
+thick-restart Lanczos from a seeded random start (not from δ), each with its residual; the
+projected share (P_rδ)ᵀH(P_rδ) / δᵀHδ of the top-r eigendirections against r random directions
+and δ's r largest-|δ| entries, and r90 only where that share reaches 0.9 among converged pairs.
 """
 
 from __future__ import annotations
@@ -47,13 +47,6 @@ TOP_PERCENTS: tuple[float, ...] = (1.0, 2.0, 5.0, 10.0)
 
 
 
-
-
-
-
-
-
-# ----------------------------------------------------------------------------- Lanczos
 
 
 
@@ -230,7 +223,8 @@ def damage(
 ) -> DamageResult:
     """Decompose A's loss change from `before` (θ_A) to `after` (θ_A + δ); see module docstring.
 
-    `later`: domains B whose shared routes with A bound the conflict subspace (none: skipped).
+    `later`: domains B whose shared routes with A bound the conflict subspace (none: skipped);
+    `k`: its top eigenpairs (k // 2 bottom ones; ≤ 170 + 2k HVPs per B, see crossroute.analyze.subspace).
     Models are loaded in fp32 with eager attention (twice differentiable).
     `layers`: restrict δ to these decoder layers (S): the measured change is then L(θ_A + δ_S) − L(θ_A),
     gradients and HVPs cover S only (the memory of a large model's analysis), and so do the units.
@@ -256,7 +250,8 @@ def damage(
         shared = shared_units(model, tok, da, laters, n=routes_n, q=q, seed=seed)
         for b in laters:
             units = shared[b.name] if layers is None else _in_layers(shared[b.name], layers)
-            conflicts.append(conflict_subspace(model, batches, umap, delta, g, units, b.name, k, method))
+            conflicts.append(conflict_subspace(model, batches, umap, delta, g, units, b.name, k, method,
+                                               seed=seed))
     return DamageResult(
         domain=da.name, before=str(lb.path), after=after_path,
         n=n, batch_size=batch_size, split=split, seed=seed, method=method,
