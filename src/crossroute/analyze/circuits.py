@@ -4,24 +4,28 @@ A capability is probed by clean/corrupted prompt pairs of equal token length (po
 Metric m(x): log-probability of the clean answer tokens plus the eos token, teacher-forced after
 prompt x, summed over the answer; when a pair names a `wrong` answer, minus the same log-prob of
 that answer (a logit-difference-style metric). The corrupted run keeps the *clean* answer as its
-teacher-forced continuation, so every position lines up.
+teacher-forced continuation, so every position lines up. Every quantity is kept per prompt.
 
 A head's output is its slice of the attention output projection's input (the unit table's "head_out" hook
 site, crossroute.model.units; head h = columns [h*head_dim, (h+1)*head_dim) of the map's head layout; one
-forward pre-hook per layer reads and can replace it). Per model:
+forward pre-hook per layer reads and can replace it). Per model M:
 - attribution patching (fast estimate, one corrupted forward + one clean forward/backward per
   batch): effect_h ≈ Σ_positions (a_corr − a_clean) · ∂m/∂a at the clean run, the total
   derivative (through every later layer);
 - activation patching (confirmation) for the top `confirm_top` heads by |attribution|: the clean
   run with head h's output replaced by its corrupted-run output; effect_h = m_patched − m_clean;
-- head score s_h = −effect_h / (m_clean − m_corrupted): the share of the clean–corrupted gap that
-  corrupting head h alone removes (activation-patching value where measured, attribution else);
-- faithfulness of a head set S (patching variant, not mean ablation): F(S) = (m(S) − m_corr) /
-  (m_clean − m_corr), where m(S) is the clean run with every head outside S patched to its
-  corrupted output (embeddings and MLPs run clean; F(∅) need not be 0, F(all) = 1 exactly);
-- the circuit: the smallest prefix of the heads ranked by s_h (descending) with F >= target.
-Across models: retention |C_M ∩ C_base| / |C_base|, score shift Δ_h = s_h(M) − s_h(base),
-vulnerable heads s_h(SFT) < s_h(RL) − delta, differential vulnerability s_h(RL) − s_h(SFT).
+- the scale G = the BASE model's clean − corrupted gap on the same pairs, for every model (a model's own
+  gap shrinks when its capability collapses, so dividing by it would inflate its heads); own gaps are
+  reported beside, as the capability ratio gap_M / G;
+- head score s_h = −effect_h / G (activation-patching value where measured, attribution else);
+- faithfulness of a head set S (patching variant, not mean ablation): F(S) = (m(S) − m_corr) / G, where
+  m(S) is the clean run with every head outside S patched to its corrupted output (embeddings and MLPs
+  run clean; for the base F(all) = 1 exactly, for M F(all) = gap_M / G);
+- the circuit: the smallest prefix of the heads ranked by s_h with F >= target, at most max_fraction of
+  all heads; when the target is not reached within that cap the circuit is the cap and `cap_binds`.
+Across models: retention (RETENTION_DEFINITION), set overlap |C_M ∩ C_base| / |C_base|, score shift
+Δ_h = s_h(M) − s_h(base), vulnerable heads s_h(SFT) < s_h(RL) − delta, differential vulnerability
+s_h(RL) − s_h(SFT). CIs: CI_METHOD (bootstrap over prompts; paired where two models share the prompts).
 """
 
 from __future__ import annotations
@@ -30,10 +34,12 @@ import math
 import random
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -44,10 +50,13 @@ from crossroute.core.rundir import RunDir, result_name
 from crossroute.domains.builtin import BUILTIN, BY_LETTER, CW_LETTERS, ENTITIES, KB, QA_TEMPLATES
 from crossroute.domains.domain import Domain
 from crossroute.domains.jsonl import iter_jsonl
+from crossroute.measure.stats import mean_ci, paired_diff
 from crossroute.model.load import default_device, load_model
 from crossroute.model.units import UnitMap
 
 CURVE_EXACT = 64  # faithfulness is evaluated at every prefix size up to this, geometrically beyond
+DEFAULT_TARGET = 0.8  # faithfulness the circuit should reach, as a share of the base gap
+DEFAULT_MAX_FRACTION = 0.25  # the circuit holds at most this share of all heads
 
 
 # ----------------------------------------------------------------------------- prompt pairs
@@ -119,16 +128,22 @@ def _corrupt_qa(prompt: str, rng: random.Random) -> Pair | None:
 
 
 def _corrupt_cw(prompt: str, answer: str, rng: random.Random) -> Pair | None:
-    m = re.fullmatch(r"W:(\d+) words,([a-z])(?:,with (\w+))?", prompt)
+    """Swap the first letter, and each required word for a distinct one of the same length with the new letter."""
+    m = re.fullmatch(r"W:(\d+) words,([a-z])(?:,with ([a-z]+(?:,[a-z]+)*))?", prompt)
     if m is None:
         return None
-    n, letter, must = m.group(1), m.group(2), m.group(3)
+    n, letter, musts = m.group(1), m.group(2), (m.group(3) or "").split(",") if m.group(3) else []
     for new in rng.sample([c for c in CW_LETTERS if c != letter], len(CW_LETTERS) - 1):
-        if must is None:
+        if not musts:
             return Pair(prompt, f"W:{n} words,{new}", answer)
-        same = [w for w in BY_LETTER[new] if len(w) == len(must)]
-        if same:
-            return Pair(prompt, f"W:{n} words,{new},with {rng.choice(same)}", answer)
+        swapped: list[str] = []
+        for w in musts:
+            same = [x for x in BY_LETTER[new] if len(x) == len(w) and x not in swapped]
+            if not same:
+                break
+            swapped.append(rng.choice(same))
+        if len(swapped) == len(musts):
+            return Pair(prompt, f"W:{n} words,{new},with {','.join(swapped)}", answer)
     return None
 
 
@@ -138,7 +153,7 @@ PAIR_RULES = {
             "wrong = the corrupted output",
     "qa": "the entity swapped for another of the same length with a different attribute value; "
           "wrong = that entity's value",
-    "cw": "the required first letter (and the required word, by one of the same length) swapped; "
+    "cw": "the required first letter (and each required word, by a distinct one of the same length) swapped; "
           "no wrong answer (metric = log-prob of the reference)",
 }
 
@@ -225,13 +240,14 @@ def make_pair_batches(tokenizer: PreTrainedTokenizerBase, pairs: list[Pair], bat
     """Rows (clean, +1) per pair and (wrong, −1) when given; right-padded, clean/corrupted aligned.
 
     Each batch: clean_ids, corrupted_ids, attention_mask, labels (−100 except the answer and eos
-    tokens), sign (per row). Σ_rows sign · log p(labels) is the batch's summed metric.
+    tokens), sign (per row), pair (the row's index in `pairs`, so per-prompt metrics can be summed
+    back). Σ_rows sign · log p(labels) is the batch's summed metric.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
-    rows: list[tuple[list[int], list[int], int, float]] = []
+    rows: list[tuple[list[int], list[int], int, float, int]] = []
     for i, p in enumerate(pairs):
         c = list(tokenizer(p.clean, add_special_tokens=True)["input_ids"])
         k = list(tokenizer(p.corrupted, add_special_tokens=True)["input_ids"])
@@ -243,7 +259,7 @@ def make_pair_batches(tokenizer: PreTrainedTokenizerBase, pairs: list[Pair], bat
             if ans is None:
                 continue
             a = list(tokenizer(ans, add_special_tokens=False)["input_ids"]) + eos
-            rows.append((c + a, k + a, len(c), sign))
+            rows.append((c + a, k + a, len(c), sign, i))
     rows.sort(key=lambda r: len(r[0]))
     batches: list[PairBatch] = []
     for start in range(0, len(rows), batch_size):
@@ -253,13 +269,14 @@ def make_pair_batches(tokenizer: PreTrainedTokenizerBase, pairs: list[Pair], bat
         corr = torch.full((len(chunk), width), pad, dtype=torch.long)
         labels = torch.full((len(chunk), width), -100, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for j, (x, y, plen, _) in enumerate(chunk):
+        for j, (x, y, plen, _, _) in enumerate(chunk):
             clean[j, : len(x)] = torch.tensor(x)
             corr[j, : len(y)] = torch.tensor(y)
             labels[j, plen: len(x)] = torch.tensor(x[plen:])
             mask[j, : len(x)] = 1
         batches.append({"clean_ids": clean, "corrupted_ids": corr, "attention_mask": mask, "labels": labels,
-                        "sign": torch.tensor([r[3] for r in chunk])})
+                        "sign": torch.tensor([r[3] for r in chunk]),
+                        "pair": torch.tensor([r[4] for r in chunk], dtype=torch.long)})
     return batches
 
 
@@ -341,6 +358,11 @@ class HeadHooks:
 
 def batch_metric(model: PreTrainedModel, ids: torch.Tensor, batch: PairBatch) -> torch.Tensor:
     """Σ_rows sign · (summed log-prob of the row's label tokens), computed in >= fp32."""
+    return row_metric(model, ids, batch).sum()
+
+
+def row_metric(model: PreTrainedModel, ids: torch.Tensor, batch: PairBatch) -> torch.Tensor:
+    """Per row: sign · (summed log-prob of the row's label tokens), in >= fp32 (rows are independent)."""
     mask = batch["attention_mask"]
     target = batch["labels"][:, 1:]
     sel = target != -100
@@ -357,7 +379,13 @@ def batch_metric(model: PreTrainedModel, ids: torch.Tensor, batch: PairBatch) ->
     logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     tok = logp.gather(-1, target[sel].unsqueeze(-1)).squeeze(-1)
     rows = sel.nonzero()[:, 0]
-    return (batch["sign"].to(tok.dtype)[rows] * tok).sum()
+    out = torch.zeros(ids.shape[0], dtype=tok.dtype, device=tok.device)
+    return out.index_add(0, rows, batch["sign"].to(tok.device, tok.dtype)[rows] * tok)
+
+
+def _add_by_pair(acc: torch.Tensor, rows: torch.Tensor, batch: PairBatch) -> None:
+    """acc[pair] += rows (first dimension = rows of the batch): per-row values summed back to their prompts."""
+    acc.index_add_(0, batch["pair"].cpu(), rows.detach().double().cpu())
 
 
 def _to(batch: PairBatch, device: torch.device) -> PairBatch:
@@ -368,14 +396,22 @@ def head_ids(num_layers: int, num_heads: int) -> list[str]:
     return [f"L{layer}.head.{h}" for layer in range(num_layers) for h in range(num_heads)]
 
 
-def prefix_sizes(total: int, exact: int = CURVE_EXACT) -> list[int]:
-    """Prefix sizes where faithfulness is evaluated: 0..exact, then ×1.25 steps, always `total`."""
+def prefix_sizes(total: int, exact: int = CURVE_EXACT, include: tuple[int, ...] = ()) -> list[int]:
+    """Prefix sizes where faithfulness is evaluated: 0..exact, then ×1.25 steps, always `total` and `include`."""
     ks = list(range(0, min(total, exact) + 1))
     k = ks[-1]
     while k < total:
         k = min(total, max(k + 1, int(k * 1.25)))
         ks.append(k)
-    return ks
+    return sorted(set(ks) | {i for i in include if 0 <= i <= total})
+
+
+def max_heads_of(total: int, max_fraction: float) -> int:
+    """The circuit-size cap: floor(max_fraction × all heads), at least one head."""
+    if not 0 < max_fraction <= 1:
+        raise CrossrouteError(f"--max-fraction {max_fraction}: the circuit-size cap must be a fraction of all "
+                              "heads in (0, 1].")
+    return max(1, math.floor(max_fraction * total + 1e-9))
 
 
 def _spearman(a: list[float], b: list[float]) -> float | None:
@@ -388,33 +424,170 @@ def _spearman(a: list[float], b: list[float]) -> float | None:
     return float((ra * rb).sum()) / den if den else None
 
 
+def parse_head(name: str) -> tuple[int, int]:
+    """'L3.head.1' -> (3, 1)."""
+    m = re.fullmatch(r"L(\d+)\.head\.(\d+)", name)
+    if m is None:
+        raise CrossrouteError(f"head {name!r}: write heads as L<layer>.head.<index>, e.g. L3.head.1.")
+    return int(m.group(1)), int(m.group(2))
+
+
+# ----------------------------------------------------------------------------- uncertainty over prompts
+
+CI_METHOD = ("95 % percentile bootstrap over prompts (crossroute.measure.stats.mean_ci) of each ratio's per-prompt "
+             "delta-method linearisation r + (num_i - r den_i) / mean(den), so the sampling error of the scale "
+             "counts too; a difference of two models on the same prompts: stats.paired_diff of their "
+             "linearisations (paired bootstrap CI, sign-flip permutation p-value)")
+
+
+def linearised_ratio(num: Any, den: Any) -> np.ndarray:
+    """Per-prompt values whose mean is r = mean(num)/mean(den) and whose spread is r's (first-order delta method).
+
+    num: [n, ...] (e.g. per-prompt head effects), den: [n]; all NaN when mean(den) is 0 or NaN.
+    """
+    a, d = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
+    if d.ndim != 1 or a.shape[:1] != d.shape:
+        raise CrossrouteError(f"ratio over prompts: numerator shape {a.shape} and denominator shape {d.shape} "
+                              "do not share the prompt axis.")
+    scale = float(d.mean()) if d.size else float("nan")
+    if scale == 0 or math.isnan(scale):
+        return np.full(a.shape, np.nan)
+    r = a.mean(axis=0) / scale
+    return r + (a - r * d.reshape(-1, *([1] * (a.ndim - 1)))) / scale
+
+
+def _none(v: float) -> float | None:
+    return None if v is None or math.isnan(v) else float(v)
+
+
+def ratio_ci(num: Any, den: Any, seed: int = 0) -> dict[str, Any]:
+    """mean(num)/mean(den) over prompts with its 95 % CI (CI_METHOD); value/lo/hi None when undefined."""
+    z = linearised_ratio(num, den)
+    if z.ndim != 1:
+        raise CrossrouteError(f"ratio_ci: one value per prompt expected, got shape {z.shape}.")
+    if z.size == 0 or bool(np.isnan(z).any()):
+        return {"value": None, "lo": None, "hi": None, "n": int(z.size)}
+    e = mean_ci(z, seed=seed)
+    value = float(np.mean(num)) / float(np.mean(den))
+    return {"value": value, "lo": e.lo / 100, "hi": e.hi / 100, "n": e.n}
+
+
+def mean_ci_of(x: Any, seed: int = 0) -> dict[str, Any]:
+    """The mean of per-prompt values (any unit) with its 95 % bootstrap CI (stats.mean_ci, undoing its x100)."""
+    arr = np.asarray(x, dtype=np.float64)
+    if arr.size == 0:
+        return {"value": None, "lo": None, "hi": None, "n": 0}
+    e = mean_ci(arr, seed=seed)
+    return {"value": float(arr.mean()), "lo": e.lo / 100, "hi": e.hi / 100, "n": e.n}
+
+
+def paired_ratio_diff(num_a: Any, den_a: Any, num_b: Any, den_b: Any, seed: int = 0) -> dict[str, Any]:
+    """r_b − r_a of two ratios over the same prompts: paired CI and p (stats.paired_diff of the linearisations)."""
+    za, zb = linearised_ratio(num_a, den_a), linearised_ratio(num_b, den_b)
+    if za.shape != zb.shape or za.ndim != 1:
+        raise CrossrouteError(f"paired ratios need one value per prompt each, got shapes {za.shape} and {zb.shape}.")
+    if za.size == 0 or bool(np.isnan(za).any() or np.isnan(zb).any()):
+        return {"value": None, "lo": None, "hi": None, "p": None, "n": int(za.size), "test": "none",
+                "significant": False}
+    d = paired_diff(za, zb, seed=seed)
+    value = float(np.mean(num_b)) / float(np.mean(den_b)) - float(np.mean(num_a)) / float(np.mean(den_a))
+    return {"value": value, "lo": d.lo / 100, "hi": d.hi / 100, "p": d.p, "n": d.n, "test": d.test,
+            "significant": d.significant}
+
+
+def _grid(num: np.ndarray, fn: Any) -> dict[str, list[list[Any]]]:
+    """Apply fn(layer, head) -> dict to every head of an [n, L, H] array; one [L][H] matrix per key."""
+    _, L, H = num.shape
+    cells = [[fn(layer, h) for h in range(H)] for layer in range(L)]
+    return {k: [[c[k] for c in row] for row in cells] for k in cells[0][0]} if L and H else {}
+
+
+def score_grid(neg_effect: np.ndarray, scale: np.ndarray, seed: int = 0) -> dict[str, list[list[Any]]]:
+    """Per head: mean(−effect)/mean(scale) with its CI; `neg_effect` is [n, L, H], `scale` the per-prompt gaps."""
+    return _grid(neg_effect, lambda layer, h: ratio_ci(neg_effect[:, layer, h], scale, seed))
+
+
+def shift_grid(neg_a: np.ndarray, neg_b: np.ndarray, scale: np.ndarray, seed: int = 0) -> dict[str, list[list[Any]]]:
+    """Per head: s_h(b) − s_h(a) on one scale, paired over prompts (CI, p); inputs [n, L, H] and [n]."""
+    return _grid(neg_a, lambda layer, h: paired_ratio_diff(neg_a[:, layer, h], scale, neg_b[:, layer, h], scale,
+                                                           seed))
+
+
+# ----------------------------------------------------------------------------- circuit selection
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The circuit picked from a faithfulness curve: its size and F, and whether the target or the cap decided."""
+
+    size: int
+    faithfulness: float
+    target_reached: bool
+    cap_binds: bool  # the size was set by the cap, not by the target
+    smallest_reaching: int | None  # smallest evaluated prefix (>= 1 head) with F >= target, cap ignored
+
+
+def select_circuit(ks: list[int], faith: list[float], target: float, max_heads: int) -> Selection:
+    """Smallest prefix k in 1..max_heads with F(k) >= target; when there is none, the cap itself (the cap binds)."""
+    if len(ks) != len(faith):
+        raise CrossrouteError(f"select_circuit: {len(ks)} prefix sizes but {len(faith)} faithfulness values.")
+    if max_heads not in ks:
+        raise CrossrouteError(f"select_circuit: the cap {max_heads} is not an evaluated prefix size.")
+    at = dict(zip(ks, faith, strict=True))
+    reach = next((k for k in ks if k >= 1 and at[k] >= target), None)  # NaN never reaches
+    if reach is not None and reach <= max_heads:
+        return Selection(reach, at[reach], True, False, reach)
+    return Selection(max_heads, at[max_heads], False, max_heads < max(ks), reach)
+
+
 # ----------------------------------------------------------------------------- one model
 
 
 @dataclass
 class ModelCircuit:
-    """One model's head scores, faithfulness curve and circuit on one pair set."""
+    """One model's head effects and scores (base scale), faithfulness curve and circuit on one pair set.
+
+    Metric values are means over prompts; `scale_gap` is the base model's clean−corrupted gap (the unit of
+    every score and faithfulness); `per_prompt` keeps the per-prompt values every CI is drawn from.
+    """
 
     path: str
     n_pairs: int
-    metric_clean: float  # mean over pairs
+    metric_clean: float
     metric_corrupted: float
-    gap: float  # metric_clean − metric_corrupted
+    gap: float  # this model's own metric_clean − metric_corrupted
+    gap_ci: dict[str, Any]
+    scale_gap: float  # the base model's gap
+    capability: dict[str, Any]  # gap / scale_gap with CI: the capability left, on the base scale
     attribution: list[list[float]]  # [layer][head]: estimated m_patched − m_clean (mean over pairs)
     activation: list[list[float | None]]  # measured m_patched − m_clean for the confirmed heads
-    score: list[list[float]]  # s_h = −effect / gap
-    ranking: list[str]  # heads by s_h, descending
+    effect: list[list[float]]  # raw effect used: activation where measured, attribution else
+    effect_lo: list[list[float | None]]
+    effect_hi: list[list[float | None]]
+    score: list[list[float | None]]  # s_h = −effect / base gap
+    score_lo: list[list[float | None]]
+    score_hi: list[list[float | None]]
+    score_own_gap: list[list[float | None]]  # −effect / own gap: shown for contrast only, not used
+    ranking: list[str]  # heads by s_h, descending (by −effect when the base gap is 0)
     curve_k: list[int]
-    curve_faithfulness: list[float]
+    curve_faithfulness: list[float | None]  # base scale
+    curve_faithfulness_own_gap: list[float | None]
     circuit: list[str]
-    faithfulness: float
+    faithfulness: float | None  # base scale, of the circuit
+    faithfulness_ci: dict[str, Any]
     target: float
+    max_fraction: float
+    max_heads: int
+    target_reached: bool
+    cap_binds: bool
+    smallest_reaching_target: int | None
     attribution_vs_activation: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
     units: dict[str, Any] = field(default_factory=dict)  # UnitMap.to_json() of the model
+    per_prompt: dict[str, Any] = field(default_factory=dict)  # metric_clean, metric_corrupted, effect, circuit
 
-    def score_of(self) -> dict[str, float]:
+    def score_of(self) -> dict[str, float | None]:
         nh = len(self.score[0]) if self.score else 0
         return {f"L{i}.head.{h}": self.score[i][h] for i in range(len(self.score)) for h in range(nh)}
 
@@ -430,22 +603,150 @@ def _keep_patch(hooks: HeadHooks, keep: set[tuple[int, int]], corr: dict[int, to
     return out
 
 
+def _record_corrupted(model: PreTrainedModel, hooks: HeadHooks, b: PairBatch) -> tuple[dict[int, torch.Tensor],
+                                                                                         torch.Tensor]:
+    """One corrupted forward: every layer's head-out input, and the per-row metric."""
+    hooks.record = corr = {}
+    m = row_metric(model, b["corrupted_ids"], b)
+    hooks.record = None
+    return corr, m
+
+
+def _attribution_pass(model: PreTrainedModel, hooks: HeadHooks, batches: list[PairBatch], n: int,
+                      device: torch.device, tick: Callable[[], None]
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per prompt: clean and corrupted metric, and attribution Σ_pos (a_corr − a_clean)·∂m/∂a per head [n, L, H]."""
+    L, H = len(hooks.layers), hooks.num_heads
+    clean_p, corr_p = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+    attr_p = torch.zeros(n, L, H, dtype=torch.float64)
+    for b in batches:
+        b = _to(b, device)
+        with torch.no_grad():
+            corr, mc = _record_corrupted(model, hooks, b)
+        _add_by_pair(corr_p, mc, b)
+        hooks.record, hooks.taps = (clean := {}), (taps := {})
+        rows = row_metric(model, b["clean_ids"], b)
+        hooks.reset()
+        _add_by_pair(clean_p, rows, b)
+        grads = torch.autograd.grad(rows.sum(), [taps[layer] for layer in hooks.layers])  # rows independent
+        for layer, g in zip(hooks.layers, grads, strict=True):
+            d = (corr[layer] - clean[layer]).double() * g.double()
+            per_row = d.unflatten(-1, (H, hooks.head_dim)).sum(dim=(1, 3))  # [B, H]
+            acc = torch.zeros(n, H, dtype=torch.float64)
+            _add_by_pair(acc, per_row, b)
+            attr_p[:, layer] += acc
+        tick()
+    return clean_p, corr_p, attr_p
+
+
+def _activation_pass(model: PreTrainedModel, hooks: HeadHooks, batches: list[PairBatch], n: int,
+                     device: torch.device, top: list[tuple[int, int]], tick: Callable[[], None]) -> torch.Tensor:
+    """Per prompt: m(clean, head h alone patched to corrupted) − m(clean) for each head in `top` [n, L, H]."""
+    act_p = torch.zeros(n, len(hooks.layers), hooks.num_heads, dtype=torch.float64)
+    with torch.no_grad():
+        for b in batches:
+            b = _to(b, device)
+            corr, _ = _record_corrupted(model, hooks, b)
+            base_rows = row_metric(model, b["clean_ids"], b)
+            for layer, h in top:
+                heads = torch.zeros(hooks.num_heads, dtype=torch.bool)
+                heads[h] = True
+                hooks.patch = {layer: (heads, corr[layer])}
+                acc = torch.zeros(n, dtype=torch.float64)
+                _add_by_pair(acc, row_metric(model, b["clean_ids"], b) - base_rows, b)
+                act_p[:, layer, h] += acc
+            hooks.reset()
+            tick()
+    return act_p
+
+
+def _keep_pass(model: PreTrainedModel, hooks: HeadHooks, batches: list[PairBatch], n: int, device: torch.device,
+               keeps: list[set[tuple[int, int]]], tick: Callable[[], None] = lambda: None) -> torch.Tensor:
+    """Per prompt: m(clean run with every head outside keeps[i] patched to corrupted) [n, len(keeps)]."""
+    keep_p = torch.zeros(n, len(keeps), dtype=torch.float64)
+    with torch.no_grad():
+        for b in batches:
+            b = _to(b, device)
+            corr, _ = _record_corrupted(model, hooks, b)
+            for i, keep in enumerate(keeps):
+                hooks.patch = _keep_patch(hooks, keep, corr)
+                acc = torch.zeros(n, dtype=torch.float64)
+                _add_by_pair(acc, row_metric(model, b["clean_ids"], b), b)
+                keep_p[:, i] = keep_p[:, i] + acc
+            hooks.reset()
+            tick()
+    return keep_p
+
+
+def _agreement(attr: torch.Tensor, act: torch.Tensor, top: list[tuple[int, int]]) -> dict[str, Any]:
+    """Attribution vs activation patching over the confirmed heads: sign agreement and Spearman."""
+    conf = [(float(attr[lh]), float(act[lh])) for lh in top]
+    nz = [(a, b) for a, b in conf if a != 0 and b != 0]
+    return {"confirmed": len(conf),
+            "sign_agreement": (sum((a > 0) == (b > 0) for a, b in nz) / max(1, len(nz))) if conf else None,
+            "spearman": _spearman([a for a, _ in conf], [b for _, b in conf])}
+
+
+def _ratio_or_none(num: float, den: float) -> float | None:
+    return None if den == 0 or math.isnan(den) else num / den
+
+
+class _Frozen:
+    """Context: eval mode, no parameter gradients, hooks removed on exit; the model's state restored."""
+
+    def __init__(self, model: PreTrainedModel, hooks: HeadHooks) -> None:
+        self.model, self.hooks = model, hooks
+        self.flags = [(p, p.requires_grad) for p in model.parameters()]
+        self.was_training = model.training
+
+    def __enter__(self) -> _Frozen:
+        self.model.eval()
+        for p, _ in self.flags:
+            p.requires_grad_(False)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.hooks.remove()
+        for p, flag in self.flags:
+            p.requires_grad_(flag)
+        self.model.train(self.was_training)
+
+
+def _gap_warnings(gap: float, scale: float, is_base: bool) -> list[str]:
+    out = []
+    if not gap > 0:
+        out.append(f"own clean - corrupted metric gap is {gap:.4g} <= 0: the pairs do not probe this capability on "
+                   "this model (on the base scale its head scores and faithfulness are then near 0).")
+    if not is_base and not scale > 0:
+        out.append(f"the base model's gap is {scale:.4g} <= 0: scores and faithfulness on the base scale are "
+                   "fractions of a non-positive gap.")
+    return out
+
+
 def circuit_of_model(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     pairs: list[Pair],
-    target: float = 0.8,
+    target: float = DEFAULT_TARGET,
     confirm_top: int = 16,
     batch_size: int = 32,
     show_progress: bool = False,
     label: str = "circuits",
+    max_fraction: float = DEFAULT_MAX_FRACTION,
+    base_gap: Any = None,
+    seed: int = 0,
 ) -> ModelCircuit:
-    """Attribution patching for every head, activation patching for the top heads, the circuit."""
+    """Attribution patching for every head, activation patching for the top heads, the capped circuit.
+
+    `base_gap`: the base model's per-prompt clean−corrupted gaps (same pairs, same order), the scale of every
+    score and faithfulness; None for the base model itself (its own gaps).
+    """
     if not pairs:
         raise CrossrouteError("circuits: no prompt pairs.")
     if not 0 < target <= 1:
         raise CrossrouteError(f"--target {target}: the faithfulness target must be in (0, 1].")
     t0 = time.perf_counter()
+    n = len(pairs)
     device = next(model.parameters()).device
     batches = make_pair_batches(tokenizer, pairs, batch_size)
     hooks = HeadHooks(model)
@@ -453,138 +754,114 @@ def circuit_of_model(
     if hooks.layers != list(range(L)):
         hooks.remove()
         raise CrossrouteError(f"head-out layers {hooks.layers} are not numbered 0..{L - 1}.")
-    n = len(pairs)
-    was_training = model.training
-    model.eval()
-    grad_flags = [(p, p.requires_grad) for p in model.parameters()]
-    m_clean = m_corr = 0.0
-    attr = torch.zeros(L, H, dtype=torch.float64)
-    try:
-        for p, _ in grad_flags:
-            p.requires_grad_(False)
-        with progress_bar(show_progress) as bar:
-            task = bar.add_task(f"{label}: attribution", total=len(batches))
-            for b in batches:  # pass 1: attribution patching
-                b = _to(b, device)
-                hooks.record = corr = {}
-                with torch.no_grad():
-                    m_corr += float(batch_metric(model, b["corrupted_ids"], b))
-                hooks.record, hooks.taps = (clean := {}), (taps := {})
-                m = batch_metric(model, b["clean_ids"], b)
-                hooks.reset()
-                m_clean += float(m.detach())
-                grads = torch.autograd.grad(m, [taps[layer] for layer in hooks.layers])
-                for layer, g in zip(hooks.layers, grads, strict=True):
-                    d = (corr[layer] - clean[layer]).double() * g.double()
-                    attr[layer] += d.unflatten(-1, (H, hooks.head_dim)).sum(dim=(0, 1, 3)).cpu()
-                bar.advance(task)
-            attr /= n
-            m_clean, m_corr = m_clean / n, m_corr / n
-            gap = m_clean - m_corr
-            warnings = []
-            if not gap > 0:
-                warnings.append(f"clean - corrupted metric gap is {gap:.4g} <= 0: the pairs do not probe "
-                                "this capability on this model; scores are fractions of a non-positive gap.")
-            if gap == 0:
-                gap = float("nan")
-            flat = [(layer, h) for layer in range(L) for h in range(H)]
-            top = sorted(flat, key=lambda lh: -abs(float(attr[lh])))[: max(0, min(confirm_top, L * H))]
-            act = torch.full((L, H), float("nan"), dtype=torch.float64)
-            act_sum = {lh: 0.0 for lh in top}
-            task = bar.add_task(f"{label}: activation patching", total=len(batches))
-            with torch.no_grad():
-                for b in batches:  # pass 2: activation patching of the top heads
-                    b = _to(b, device)
-                    hooks.record = corr = {}
-                    batch_metric(model, b["corrupted_ids"], b)
-                    hooks.record = None
-                    base_m = float(batch_metric(model, b["clean_ids"], b))
-                    for layer, h in top:
-                        heads = torch.zeros(H, dtype=torch.bool)
-                        heads[h] = True
-                        hooks.patch = {layer: (heads, corr[layer])}
-                        act_sum[(layer, h)] += float(batch_metric(model, b["clean_ids"], b)) - base_m
-                    hooks.reset()
-                    bar.advance(task)
-            for lh, v in act_sum.items():
-                act[lh] = v / n
-            effect = torch.where(torch.isnan(act), attr, act)
-            score = -effect / gap
-            ranking = sorted(flat, key=lambda lh: (-float(score[lh]), lh))
-            ks = prefix_sizes(L * H)
-            keep_m = [0.0] * len(ks)
-            task = bar.add_task(f"{label}: faithfulness", total=len(batches))
-            with torch.no_grad():
-                for b in batches:  # pass 3: faithfulness of every ranked prefix
-                    b = _to(b, device)
-                    hooks.record = corr = {}
-                    batch_metric(model, b["corrupted_ids"], b)
-                    hooks.record = None
-                    for i, k in enumerate(ks):
-                        hooks.patch = _keep_patch(hooks, set(ranking[:k]), corr)
-                        keep_m[i] += float(batch_metric(model, b["clean_ids"], b))
-                    hooks.reset()
-                    bar.advance(task)
-    finally:
+    max_heads = max_heads_of(L * H, max_fraction)
+    if base_gap is not None and len(base_gap) != n:
         hooks.remove()
-        for p, flag in grad_flags:
-            p.requires_grad_(flag)
-        model.train(was_training)
-    faith = [(v / n - m_corr) / gap for v in keep_m]
-    k_star = next((k for k, f in zip(ks, faith, strict=True) if f >= target), ks[-1])
+        raise CrossrouteError(f"circuits: {len(base_gap)} base gaps for {n} prompt pairs; give the base's per-prompt "
+                              "gaps on the same pairs.")
+    flat = [(layer, h) for layer in range(L) for h in range(H)]
+    with _Frozen(model, hooks), progress_bar(show_progress) as bar:
+        task = bar.add_task(f"{label}: attribution, activation patching, faithfulness", total=3 * len(batches))
+
+        def tick() -> None:
+            bar.advance(task)
+
+        clean_p, corr_p, attr_p = _attribution_pass(model, hooks, batches, n, device, tick)
+        attr = attr_p.mean(0)
+        top = sorted(flat, key=lambda lh: -abs(float(attr[lh])))[: max(0, min(confirm_top, L * H))]
+        act_p = _activation_pass(model, hooks, batches, n, device, top, tick)
+        confirmed = torch.zeros(L, H, dtype=torch.bool)
+        for lh in top:
+            confirmed[lh] = True
+        effect_p = torch.where(confirmed, act_p, attr_p)
+        effect = effect_p.mean(0)
+        gap_p = clean_p - corr_p
+        scale_p = gap_p if base_gap is None else torch.as_tensor(np.asarray(base_gap, dtype=np.float64))
+        sign = -1.0 if float(scale_p.mean()) < 0 else 1.0  # rank by s_h = −effect / G (by −effect when G = 0)
+        ranking = sorted(flat, key=lambda lh: (sign * float(effect[lh]), lh))
+        ks = prefix_sizes(L * H, include=(max_heads,))
+        keep_p = _keep_pass(model, hooks, batches, n, device, [set(ranking[:k]) for k in ks], tick)
+    scale, gap = float(scale_p.mean()), float(gap_p.mean())
+    rec = (keep_p - corr_p[:, None]).mean(0)
+    faith = [_ratio_or_none(float(v), scale) for v in rec]
+    sel = select_circuit(ks, [math.nan if f is None else f for f in faith], target, max_heads)
+    i_star = ks.index(sel.size)
+    neg = (-effect_p).numpy()
+    scores = score_grid(neg, scale_p.numpy(), seed)
+    eff_ci = _grid(effect_p.numpy(), lambda layer, h: mean_ci_of(effect_p[:, layer, h].numpy(), seed))
+    warnings = _gap_warnings(gap, scale, base_gap is None)
+    if faith[0] is not None and faith[0] >= target:
+        warnings.append(f"with every head patched F = {faith[0]:.3f} >= target {target:g}: the heads are not needed "
+                        "for this capability; the circuit still holds at least one head.")
+    if sel.cap_binds:
+        need = "not within any evaluated prefix" if sel.smallest_reaching is None else \
+            f"first at {sel.smallest_reaching} heads"
+        warnings.append(f"the size cap binds: {max_heads} heads ({max_fraction:.0%} of {L * H}) reach "
+                        f"F = {sel.faithfulness:.3f} < target {target:g} (reached {need}).")
+    act = torch.where(confirmed, act_p.mean(0), torch.tensor(float("nan"), dtype=torch.float64))
     names = [f"L{layer}.head.{h}" for layer, h in ranking]
-    conf = [(float(attr[lh]), float(act[lh])) for lh in top]
-    agree = {
-        "confirmed": len(conf),
-        "sign_agreement": (sum((a > 0) == (b > 0) for a, b in conf if a != 0 and b != 0)
-                           / max(1, sum(1 for a, b in conf if a != 0 and b != 0))) if conf else None,
-        "spearman": _spearman([a for a, _ in conf], [b for _, b in conf]),
-    }
-
-    def _clean(v: float) -> float | None:
-        return None if math.isnan(v) else v
-
     return ModelCircuit(
-        path="", n_pairs=n, metric_clean=m_clean, metric_corrupted=m_corr, gap=m_clean - m_corr,
-        attribution=attr.tolist(), activation=[[_clean(v) for v in row] for row in act.tolist()],
-        score=score.tolist(), ranking=names, curve_k=ks, curve_faithfulness=faith,
-        circuit=names[:k_star], faithfulness=faith[ks.index(k_star)], target=target,
-        attribution_vs_activation=agree, warnings=warnings, seconds=round(time.perf_counter() - t0, 3),
-        units=hooks.units)
+        path="", n_pairs=n, metric_clean=float(clean_p.mean()), metric_corrupted=float(corr_p.mean()), gap=gap,
+        gap_ci=mean_ci_of(gap_p.numpy(), seed), scale_gap=scale, capability=ratio_ci(gap_p.numpy(), scale_p.numpy(),
+                                                                                    seed),
+        attribution=attr.tolist(), activation=[[_none(v) for v in row] for row in act.tolist()],
+        effect=effect.tolist(), effect_lo=eff_ci.get("lo", []), effect_hi=eff_ci.get("hi", []),
+        score=scores.get("value", []), score_lo=scores.get("lo", []), score_hi=scores.get("hi", []),
+        score_own_gap=[[_ratio_or_none(-v, gap) for v in row] for row in effect.tolist()],
+        ranking=names, curve_k=ks, curve_faithfulness=faith,
+        curve_faithfulness_own_gap=[_ratio_or_none(float(v), gap) for v in rec],
+        circuit=names[: sel.size], faithfulness=_none(sel.faithfulness),
+        faithfulness_ci=ratio_ci((keep_p[:, i_star] - corr_p).numpy(), scale_p.numpy(), seed),
+        target=target, max_fraction=max_fraction, max_heads=max_heads, target_reached=sel.target_reached,
+        cap_binds=sel.cap_binds, smallest_reaching_target=sel.smallest_reaching,
+        attribution_vs_activation=_agreement(attr, act, top), warnings=warnings,
+        seconds=round(time.perf_counter() - t0, 3), units=hooks.units,
+        per_prompt={"metric_clean": clean_p.tolist(), "metric_corrupted": corr_p.tolist(),
+                    "effect": effect_p.tolist(), "circuit_metric": keep_p[:, i_star].tolist()})
 
 
-def faithfulness_of(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: list[Pair],
-                    heads: list[str], batch_size: int = 32) -> float:
-    """F(S) for an explicit head set S (e.g. the base circuit inside a fine-tuned model)."""
+@dataclass(frozen=True)
+class HeadSetRun:
+    """Per-prompt metrics of one model for an explicit head set S: clean, corrupted, and clean with S kept."""
+
+    clean: np.ndarray
+    corrupted: np.ndarray
+    kept: np.ndarray
+
+    def faithfulness(self, scale: np.ndarray | None = None) -> float:
+        """F(S) = mean(kept − corrupted) / mean(scale) (scale: the base's per-prompt gaps; default own gap)."""
+        den = self.clean - self.corrupted if scale is None else np.asarray(scale, dtype=np.float64)
+        return float(np.mean(self.kept - self.corrupted) / np.mean(den)) if np.mean(den) else float("nan")
+
+
+def head_set_metrics(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: list[Pair],
+                     heads: list[str], batch_size: int = 32) -> HeadSetRun:
+    """Per-prompt metrics for an explicit head set S (e.g. the base circuit inside a fine-tuned model)."""
+    keep = {parse_head(u) for u in heads}
     device = next(model.parameters()).device
     batches = make_pair_batches(tokenizer, pairs, batch_size)
     hooks = HeadHooks(model)
-    keep = {(int(u[1:u.index(".")]), int(u.rsplit(".", 1)[1])) for u in heads}
-    m_clean = m_corr = m_keep = 0.0
-    try:
-        with torch.no_grad():
-            for b in batches:
-                b = _to(b, device)
-                hooks.record = corr = {}
-                m_corr += float(batch_metric(model, b["corrupted_ids"], b))
-                hooks.record = None
-                m_clean += float(batch_metric(model, b["clean_ids"], b))
-                hooks.patch = _keep_patch(hooks, keep, corr)
-                m_keep += float(batch_metric(model, b["clean_ids"], b))
-                hooks.reset()
-    finally:
-        hooks.remove()
-    gap = m_clean - m_corr
-    return (m_keep - m_corr) / gap if gap else float("nan")
+    n = len(pairs)
+    clean_p, corr_p = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+    with _Frozen(model, hooks), torch.no_grad():
+        for b in batches:
+            b = _to(b, device)
+            corr, mc = _record_corrupted(model, hooks, b)
+            _add_by_pair(corr_p, mc, b)
+            _add_by_pair(clean_p, row_metric(model, b["clean_ids"], b), b)
+            hooks.reset()
+        kept = _keep_pass(model, hooks, batches, n, device, [keep])[:, 0]
+    return HeadSetRun(clean_p.numpy(), corr_p.numpy(), kept.numpy())
 
 
 # ----------------------------------------------------------------------------- across models
 
 
-def retention(circuit: list[str], base_circuit: list[str]) -> float | None:
-    """|C ∩ C_base| / |C_base| (None when the base circuit is empty)."""
+def overlap(circuit: list[str], base_circuit: list[str]) -> float | None:
+    """|C ∩ C_base| / |C_base| (None when the base circuit is empty): the set overlap, no CI."""
     base = set(base_circuit)
     return len(set(circuit) & base) / len(base) if base else None
+
 
 
 def parse_models(spec: str | dict[str, str | Path]) -> dict[str, str]:
@@ -608,6 +885,16 @@ def parse_models(spec: str | dict[str, str | Path]) -> dict[str, str]:
     return out
 
 
+NORMALISATION = ("every model's head effects and faithfulness are divided by the BASE model's clean - corrupted "
+                 "gap on the same pairs (normalising by a model's own gap makes a collapsed capability look like "
+                 "a stronger head); raw effects and each model's own gap are reported beside them")
+RETENTION_DEFINITION = ("retention(M) = mean over prompts of [m_M(base circuit kept) - m_M(corrupted)] / mean of "
+                        "[m_base(base circuit kept) - m_base(corrupted)]: the share of what the base circuit "
+                        "recovers in the base that the same heads still recover in M, both on the base's metric "
+                        "scale (1 = all of it, 0 = none; a lost capability lowers it); overlap = |C_M & C_base| / "
+                        "|C_base| of the capped circuits, a set statistic without CI")
+
+
 @dataclass
 class CircuitsResult:
     """Circuits of a base and fine-tuned models on one domain; `to_json()` is circuits_{domain}.json."""
@@ -616,16 +903,24 @@ class CircuitsResult:
     pairs: dict[str, Any]
     metric: str
     faithfulness_definition: str
+    normalisation: str
+    retention_definition: str
+    ci_method: str
     target: float
+    max_fraction: float
     delta: float
     layout: dict[str, int]
     models: dict[str, dict[str, Any]]  # "base" first; each a ModelCircuit as a dict
-    retention: dict[str, float | None]
-    base_circuit_faithfulness: dict[str, float]
-    score_shift: dict[str, list[list[float]]]
+    retention: dict[str, dict[str, Any]]  # name -> {value, lo, hi, n}
+    overlap: dict[str, float | None]
+    base_circuit_faithfulness: dict[str, dict[str, Any]]  # base scale, with CI; own_gap beside
+    score_shift: dict[str, list[list[float | None]]]  # s_h(M) − s_h(base), base scale
+    score_shift_ci: dict[str, dict[str, list[list[Any]]]]  # name -> {lo, hi, p}
     rl: str | None = None
     sft: str | None = None
-    differential_vulnerability: list[list[float]] | None = None
+    differential_vulnerability: list[list[float | None]] | None = None  # s_h(RL) − s_h(SFT)
+    differential_vulnerability_ci: dict[str, list[list[Any]]] | None = None  # {lo, hi, p}
+    retention_difference: dict[str, Any] | None = None  # retention(RL) − retention(SFT), paired
     vulnerable: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     units: dict[str, Any] = field(default_factory=dict)  # UnitMap.to_json() of the base
@@ -634,12 +929,66 @@ class CircuitsResult:
         return asdict(self)
 
 
+def _prompt_arrays(res: ModelCircuit) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(−effect [n, L, H], gap [n], circuit recovery m(circuit kept) − m(corrupted) [n]) of one model."""
+    pp = res.per_prompt
+    clean, corr = np.asarray(pp["metric_clean"]), np.asarray(pp["metric_corrupted"])
+    return -np.asarray(pp["effect"]), clean - corr, np.asarray(pp["circuit_metric"]) - corr
+
+
+def _sub(grid: dict[str, list[list[Any]]], keys: tuple[str, ...] = ("lo", "hi", "p")) -> dict[str, list[list[Any]]]:
+    return {k: grid[k] for k in keys if k in grid}
+
+
+def compare_to_base(base: ModelCircuit, model: ModelCircuit, in_model: HeadSetRun, seed: int = 0
+                    ) -> dict[str, Any]:
+    """Retention (CI), base-circuit faithfulness on the base scale (CI) and per-head score shifts (paired)."""
+    neg_b, gap_b, rec_b = _prompt_arrays(base)
+    neg_m, _, _ = _prompt_arrays(model)
+    rec_m = in_model.kept - in_model.corrupted
+    shift = shift_grid(neg_b, neg_m, gap_b, seed)
+    bcf = ratio_ci(rec_m, gap_b, seed)
+    bcf["own_gap"] = _none(in_model.faithfulness())
+    return {"retention": ratio_ci(rec_m, rec_b, seed), "overlap": overlap(model.circuit, base.circuit),
+            "base_circuit_faithfulness": bcf, "score_shift": shift.get("value", []), "score_shift_ci": _sub(shift),
+            "recovery": rec_m}
+
+
+def rl_vs_sft(base: ModelCircuit, rl: ModelCircuit, sft: ModelCircuit, rec_rl: np.ndarray, rec_sft: np.ndarray,
+              delta: float, seed: int = 0) -> dict[str, Any]:
+    """Differential vulnerability s_h(RL) − s_h(SFT) per head and retention(RL) − retention(SFT), paired."""
+    neg_b, gap_b, rec_b = _prompt_arrays(base)
+    neg_rl, neg_sft = _prompt_arrays(rl)[0], _prompt_arrays(sft)[0]
+    dv = shift_grid(neg_sft, neg_rl, gap_b, seed)
+    in_base = set(base.circuit)
+    vul = []
+    for layer, row in enumerate(dv.get("value", [])):
+        for h, v in enumerate(row):
+            s_rl, s_sft = rl.score[layer][h], sft.score[layer][h]
+            if v is None or s_rl is None or s_sft is None or not s_sft < s_rl - delta:
+                continue
+            u = f"L{layer}.head.{h}"
+            vul.append({"head": u, "s_base": base.score[layer][h], "s_rl": s_rl, "s_sft": s_sft,
+                        "differential_vulnerability": v, "lo": dv["lo"][layer][h], "hi": dv["hi"][layer][h],
+                        "p": dv["p"][layer][h], "significant": dv["significant"][layer][h],
+                        "raw_effect_rl": rl.effect[layer][h], "raw_effect_sft": sft.effect[layer][h],
+                        "in_base_circuit": u in in_base})
+    return {"differential_vulnerability": dv.get("value", []), "differential_vulnerability_ci": _sub(dv),
+            "retention_difference": paired_ratio_diff(rec_sft, rec_b, rec_rl, rec_b, seed),
+            "vulnerable": sorted(vul, key=lambda x: -x["differential_vulnerability"])}
+
+
+def _layout(res: ModelCircuit) -> dict[str, int]:
+    return {"num_layers": len(res.effect), "num_heads": len(res.effect[0]),
+            "head_dim": int(res.units["head_layout"]["head_dim"])}
+
+
 def run_circuits(
     base: str | Path,
     models: str | dict[str, str | Path],
     domain: str | Domain,
     n: int = 64,
-    target: float = 0.8,
+    target: float = DEFAULT_TARGET,
     delta: float = 0.1,
     run_dir: str | Path | None = None,
     batch_size: int = 32,
@@ -650,8 +999,9 @@ def run_circuits(
     sft_name: str = "sft",
     device: str | None = None,
     show_progress: bool = False,
+    max_fraction: float = DEFAULT_MAX_FRACTION,
 ) -> CircuitsResult:
-    """Circuits of `base` and every model in `models` (NAME=PATH list or dict) on `domain`'s pairs.
+    """Circuits of `base` and every model in `models` (NAME=PATH list or dict) on `domain`'s pairs, base scale.
 
     Writes RUN_DIR/results/circuits_{domain}.json when run_dir is given. Vulnerable heads and
     differential vulnerability need models named `rl_name` and `sft_name` (default rl, sft).
@@ -663,31 +1013,31 @@ def run_circuits(
         raise CrossrouteError(f"domain {name!r}: no prompt pairs could be built.")
     if not delta >= 0:
         raise CrossrouteError(f"--delta {delta}: the vulnerability margin must be >= 0.")
+    max_heads_of(1, max_fraction)  # validate before loading anything
     dev = default_device(device)
     results: dict[str, ModelCircuit] = {}
+    compared: dict[str, dict[str, Any]] = {}
     layout: dict[str, int] = {}
-    base_f: dict[str, float] = {}
     for mname, path in {"base": str(base), **named}.items():
         loaded = None  # free the previous model before loading the next (peak: one model, not two)
         loaded = load_model(path, dtype=torch.float32, device=dev)
+        base_gap = None if mname == "base" else _prompt_arrays(results["base"])[1]
         res = circuit_of_model(loaded.model, loaded.tokenizer, pairs, target, confirm_top, batch_size,
-                               show_progress, f"circuits {mname}")
+                               show_progress, f"circuits {mname}", max_fraction=max_fraction, base_gap=base_gap,
+                               seed=seed)
         res.path = str(loaded.path)
-        this = {"num_layers": len(res.score), "num_heads": len(res.score[0]),
-                "head_dim": int(res.units["head_layout"]["head_dim"])}
-        if layout and this != layout:
-            raise CrossrouteError(f"{path}: head layout {this} differs from the base's {layout}; circuits compare "
-                                  "fine-tunes of one base.")
-        layout = this
+        if layout and _layout(res) != layout:
+            raise CrossrouteError(f"{path}: head layout {_layout(res)} differs from the base's {layout}; circuits "
+                                  "compare fine-tunes of one base.")
+        layout = _layout(res)
         results[mname] = res
         if mname != "base":
-            base_f[mname] = faithfulness_of(loaded.model, loaded.tokenizer, pairs, results["base"].circuit, batch_size)
+            inside = head_set_metrics(loaded.model, loaded.tokenizer, pairs, results["base"].circuit, batch_size)
+            compared[mname] = compare_to_base(results["base"], res, inside, seed)
     base_res = results["base"]
-    bscore = torch.tensor(base_res.score, dtype=torch.float64)
-    shift = {m: (torch.tensor(r.score, dtype=torch.float64) - bscore).tolist() for m, r in results.items()
-             if m != "base"}
-    ret = {m: retention(r.circuit, base_res.circuit) for m, r in results.items()}
-    bcf = {"base": base_res.faithfulness, **base_f}
+    _, gap_b, rec_b = _prompt_arrays(base_res)
+    bcf_base = ratio_ci(rec_b, gap_b, seed)
+    bcf_base["own_gap"] = base_res.faithfulness
     out = CircuitsResult(
         domain=name,
         pairs={"n": len(pairs), "split": split, "seed": seed,
@@ -697,34 +1047,28 @@ def run_circuits(
         metric=("log p(clean answer + eos | prompt), teacher-forced, summed over answer tokens; minus log p(wrong "
                 "answer + eos | prompt) for pairs that give one; mean over pairs"),
         faithfulness_definition=("patching variant: F(S) = (m(clean run, heads outside S patched to their corrupted "
-                                 "outputs) - m(corrupted)) / (m(clean) - m(corrupted)); not mean ablation"),
-        target=target, delta=delta, layout=layout,
+                                 "outputs) - m(corrupted)) / (base model's m(clean) - m(corrupted)); not mean "
+                                 "ablation; circuit = smallest top-ranked prefix with F >= target, at most "
+                                 "max_fraction of all heads (the cap binds when the target is not reached within it)"),
+        normalisation=NORMALISATION, retention_definition=RETENTION_DEFINITION, ci_method=CI_METHOD,
+        target=target, max_fraction=max_fraction, delta=delta, layout=layout,
         models={m: asdict(r) for m, r in results.items()},
-        retention=ret, base_circuit_faithfulness=bcf, score_shift=shift, units=base_res.units)
-    if rl_name in results and sft_name in results:
-        s_rl = torch.tensor(results[rl_name].score, dtype=torch.float64)
-        s_sft = torch.tensor(results[sft_name].score, dtype=torch.float64)
-        dv = s_rl - s_sft
+        retention={"base": ratio_ci(rec_b, rec_b, seed), **{m: c["retention"] for m, c in compared.items()}},
+        overlap={"base": overlap(base_res.circuit, base_res.circuit),
+                 **{m: c["overlap"] for m, c in compared.items()}},
+        base_circuit_faithfulness={"base": bcf_base,
+                                   **{m: c["base_circuit_faithfulness"] for m, c in compared.items()}},
+        score_shift={m: c["score_shift"] for m, c in compared.items()},
+        score_shift_ci={m: c["score_shift_ci"] for m, c in compared.items()}, units=base_res.units)
+    if rl_name in compared and sft_name in compared:
+        vs = rl_vs_sft(base_res, results[rl_name], results[sft_name], compared[rl_name]["recovery"],
+                       compared[sft_name]["recovery"], delta, seed)
         out.rl, out.sft = rl_name, sft_name
-        out.differential_vulnerability = dv.tolist()
-        in_base = set(base_res.circuit)
-        vul = []
-        for layer in range(layout["num_layers"]):
-            for h in range(layout["num_heads"]):
-                if float(s_sft[layer, h]) < float(s_rl[layer, h]) - delta:
-                    u = f"L{layer}.head.{h}"
-                    vul.append({"head": u, "s_base": float(bscore[layer, h]), "s_rl": float(s_rl[layer, h]),
-                                "s_sft": float(s_sft[layer, h]), "differential_vulnerability": float(dv[layer, h]),
-                                "in_base_circuit": u in in_base})
-        out.vulnerable = sorted(vul, key=lambda v: -v["differential_vulnerability"])
+        out.differential_vulnerability = vs["differential_vulnerability"]
+        out.differential_vulnerability_ci = vs["differential_vulnerability_ci"]
+        out.retention_difference = vs["retention_difference"]
+        out.vulnerable = vs["vulnerable"]
     out.seconds = round(time.perf_counter() - t0, 3)
     if run_dir is not None:
         RunDir(Path(run_dir)).write_result(result_name("circuits", name), out.to_json())
     return out
-
-
-# ----------------------------------------------------------------------------- render
-
-
-
-

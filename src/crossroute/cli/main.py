@@ -255,7 +255,7 @@ def conflict(
 ) -> None:
     """Module-level gradient conflict between two domains: global cosine vs per-module cosines.
 
-    Example: crossroute conflict runs/demo/checkpoints/01_math --domains math,qa --out runs/demo
+    Example: crossroute conflict runs/demo/checkpoints/02_math --domains math,qa --out runs/demo
     """
     from crossroute.analyze.conflict import run_conflict
     from crossroute.core.config import parse_layers
@@ -294,7 +294,7 @@ def damage(
 ) -> None:
     """Second-order damage of a later update to domain A: measured vs g.d + 1/2 d.H.d, per-unit attribution.
 
-    Example: crossroute damage --before runs/demo/checkpoints/01_math --after runs/demo/checkpoints/04_cw
+    Example: crossroute damage --before runs/demo/checkpoints/02_math --after runs/demo/checkpoints/04_cw
              --domain math --later qa,cw --out runs/demo   (--layers 28-35: a large model's last layers)
     """
     from crossroute.analyze.damage import run_damage
@@ -330,8 +330,8 @@ def rollback(
 ) -> None:
     """Training-free rollback of the units a route-conflict score picks, vs random and largest-|delta| units.
 
-    Example: crossroute rollback --from runs/demo/checkpoints/04_cw --to runs/demo/checkpoints/01_math
-             --domain math --others qa,cw --out runs/demo
+    Example: crossroute rollback --from runs/demo/checkpoints/04_cw --to runs/demo/checkpoints/02_math
+             --domain math --others qa --out runs/demo
     """
     from crossroute.repair.rollback import run_rollback
     from crossroute.report.build import build_report
@@ -358,22 +358,29 @@ def circuits(
                                         "differential vulnerability")],
     domain: Annotated[str, typer.Option(help="built-in domain, or a JSONL of clean/corrupted pairs")] = "math",
     n: Annotated[int, typer.Option(help="clean/corrupted prompt pairs")] = 64,
-    target: Annotated[float, typer.Option(help="faithfulness the circuit must reach")] = 0.8,
-    delta: Annotated[float, typer.Option(help="vulnerable head: s_h(SFT) < s_h(RL) - delta")] = 0.1,
+    target: Annotated[float, typer.Option(help="faithfulness the circuit should reach, as a share of the base "
+                                          "model's clean-corrupted gap")] = 0.8,
+    max_fraction: Annotated[float, typer.Option(help="circuit-size cap: at most this share of all heads (the "
+                                                "cap binds when the target is not reached within it)")] = 0.25,
+    delta: Annotated[float, typer.Option(help="vulnerable head: s_h(SFT) < s_h(RL) - delta (base scale)")] = 0.1,
+    batch_size: Annotated[int, typer.Option(help="rows per forward pass")] = 32,
     out: Annotated[Path, typer.Option(help="run directory (an existing run gains results/circuits_D.json)")] = Path(
         "runs/circuits"),
 ) -> None:
-    """Head-level circuits (attribution patching, confirmed by activation patching) and their retention.
+    """Head-level circuits (attribution patching, confirmed by activation patching) on the base model's scale,
+    their retention and the RL - SFT differential vulnerability, with 95 % CIs over prompts.
 
-    Example: crossroute circuits --base default --models rl=runs/demo/checkpoints/01_math,sft=runs/sft --domain math
+    Example: crossroute circuits --base default --models rl=runs/demo/checkpoints/02_math,sft=runs/sft --domain math
     """
     from crossroute.analyze.circuits import run_circuits
     from crossroute.report.build import build_report
+    from crossroute.report.console import print_circuits
 
-    run = analysis_run(out, {"base": base, "models": models, "domain": domain}, kind="circuits")
-    res = run_circuits(base, models, domain, n=n, target=target, delta=delta, run_dir=run.root, show_progress=True)
-    ret = res.to_json().get("retention", {})
-    console.print("base circuit retained: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in ret.items()))
+    run = analysis_run(out, {"base": base, "models": models, "domain": domain, "n": n, "target": target,
+                             "max_fraction": max_fraction, "delta": delta}, kind="circuits")
+    res = run_circuits(base, models, domain, n=n, target=target, delta=delta, run_dir=run.root, show_progress=True,
+                       max_fraction=max_fraction, batch_size=batch_size)
+    print_circuits(res.to_json())
     console.print(f"report: {build_report(run.root)}")
 
 
@@ -408,7 +415,7 @@ def merge(
 ) -> None:
     """Merge checkpoints tensor by tensor (safetensors in, safetensors out): SLERP, linear, or core transplant.
 
-    Example: crossroute merge slerp default runs/demo/checkpoints/01_math --t 0.5 --out runs/merged
+    Example: crossroute merge slerp default runs/demo/checkpoints/02_math --t 0.5 --out runs/merged
     """
     from crossroute.repair.merge import run_merge
 

@@ -183,20 +183,12 @@ def run_rl_vs_sft(
     for name in ("base", "rl", "sft"):
         s = scores[name]
         change = {d: s[d] - scores["base"][d] for d in others}
-        ret = {d: circuits[d]["retention"][name] for d in domains}
-        other_ret = [ret[d] for d in others if ret[d] is not None]
         rows.append({
             "model": name, "own": s[domain], "own_gain": s[domain] - scores["base"][domain],
             "others_change": change,
             "forgetting_mean": 0.0 - sum(change.values()) / len(change) if change else 0.0,
             "kl_token": kl[name]["kl_token"], "kl_seq": kl[name]["kl_seq"],
-            "retention_own": ret[domain],
-            "retention_others_mean": sum(other_ret) / len(other_ret) if other_ret else None,
-            "retention": ret,
-            "base_circuit_faithfulness": {d: circuits[d]["base_circuit_faithfulness"][name] for d in domains},
-            # mean |s_h(model) - s_h(base)| over all heads: a graded circuit shift the set retention cannot show
-            "mean_abs_score_shift": {d: _mean_abs(circuits[d]["score_shift"].get(name)) for d in domains},
-            "n_vulnerable": {d: len(circuits[d]["vulnerable"]) for d in domains} if name == "base" else None,
+            **circuit_columns(circuits, domains, domain, name),
         })
     timings["total"] = round(time.perf_counter() - t_all, 2)
     result = {
@@ -206,6 +198,8 @@ def run_rl_vs_sft(
                 "batch_size": sft_batch_size, "search": search},
         "scores": scores, "rows": rows, "kl": kl, "kl_definition": KL_DEFINITION,
         "circuits": circuits, "seed_reference": SEED_REFERENCE, "seconds": timings,
+        # retention(RL) - retention(SFT) per domain, paired over the same prompts (CI, p)
+        "retention_difference": {d: circuits[d]["retention_difference"] for d in domains},
     }
     if abs(chosen["score"] - scores["rl"][domain]) > 5:
         result["warning"] = (f"SFT could not match RL's {domain} score within 5 points (best {chosen['score']:.2f} at "
@@ -214,8 +208,29 @@ def run_rl_vs_sft(
     return result
 
 
-def _mean_abs(m: list[list[float]] | None) -> float:
-    vals = [abs(v) for row in (m or []) for v in row]
+def circuit_columns(circuits: dict[str, dict[str, Any]], domains: list[str], domain: str, name: str
+                    ) -> dict[str, Any]:
+    """One model's circuit figures per domain (circuits_{d}.json dicts): retention on the base scale with its CI,
+    set overlap, capability left (own gap / base gap), base-circuit faithfulness, mean |score shift|."""
+    ret = {d: circuits[d]["retention"][name] for d in domains}
+    others = [ret[d]["value"] for d in domains if d != domain and ret[d]["value"] is not None]
+    return {
+        # retention on the base model's scale (crossroute.analyze.circuits.RETENTION_DEFINITION), 95 % CI
+        "retention_own": ret[domain]["value"], "retention_own_ci": [ret[domain]["lo"], ret[domain]["hi"]],
+        "retention_others_mean": sum(others) / len(others) if others else None,
+        "retention": {d: r["value"] for d, r in ret.items()},
+        "retention_ci": {d: [r["lo"], r["hi"]] for d, r in ret.items()},
+        "overlap": {d: circuits[d]["overlap"][name] for d in domains},
+        "capability": {d: circuits[d]["models"][name]["capability"]["value"] for d in domains},
+        "base_circuit_faithfulness": {d: circuits[d]["base_circuit_faithfulness"][name]["value"] for d in domains},
+        # mean |s_h(model) - s_h(base)| over all heads: a graded circuit shift the set retention cannot show
+        "mean_abs_score_shift": {d: _mean_abs(circuits[d]["score_shift"].get(name)) for d in domains},
+        "n_vulnerable": {d: len(circuits[d]["vulnerable"]) for d in domains} if name == "base" else None,
+    }
+
+
+def _mean_abs(m: list[list[float | None]] | None) -> float:
+    vals = [abs(v) for row in (m or []) for v in row if v is not None]
     return sum(vals) / len(vals) if vals else 0.0
 
 

@@ -75,3 +75,67 @@ def paired_table(title: str, diffs: dict[str, dict], label: str = "") -> Table:
         t.add_row(name, rows, f"{d['value']:+.2f}{'*' if d.get('significant') else ''}",
                   f"[{d['lo']:+.2f}, {d['hi']:+.2f}]", f"{d['p']:.3g}", str(d["n"]), d["test"])
     return t
+
+
+def conflict_line(c: dict) -> str:
+    """One line per conflict subspace: r90 (or why none), shares at r = 1/5/10/20 vs the baselines, cost."""
+    def at(key: str) -> str:
+        xs = c.get(key) or []
+        return "/".join(f"{xs[r - 1]:.3g}" if r <= len(xs) else "-" for r in (1, 5, 10, 20))
+
+    res = (c.get("residuals_top") or []) + (c.get("residuals_bottom") or [])
+    r90 = c["r90"] if c.get("r90") is not None else f"none ({c.get('r90_reason', '')})"
+    return (f"conflict subspace vs {c['domain_b']} ({c['n_params']} params): r90 {r90}; share at r=1/5/10/20 "
+            f"eigen {at('share_eig')}, random {at('share_random')}, top-|delta| {at('share_top_abs_delta')}; "
+            f"max residual {max(res) if res else float('nan'):.1e}; {(c.get('n_hvp') or {}).get('total', 0)} HVPs")
+
+
+def _ci(d: dict | None, pct: bool = False) -> str:
+    """'0.452 [0.301, 0.610]' (or '45 [30, 61] %' with pct) for a {value, lo, hi} dict; '-' when undefined."""
+    if not d or d.get("value") is None:
+        return "-"
+    if pct:
+        return f"{100 * d['value']:.0f} [{100 * d['lo']:.0f}, {100 * d['hi']:.0f}] %"
+    return f"{d['value']:.3f} [{d['lo']:.3f}, {d['hi']:.3f}]"
+
+
+def print_circuits(result: dict, top: int = 8) -> None:
+    """A circuits result on the terminal: per model gap, circuit size/target/cap, faithfulness and retention
+    with 95 % CIs (base-model scale), the base's top heads (raw effect and score per model), RL - SFT."""
+    models = result["models"]
+    t = Table(title=f"circuits: {result['domain']} ({result['pairs']['n']} pairs; scores and F on the base model's "
+                    f"gap; target F >= {result['target']:g}, cap {100 * result['max_fraction']:.0f} % of heads; "
+                    "95% CI over prompts)")
+    for c in ("model", "own gap", "gap / base gap", "|circuit| / cap", "F(circuit)", "retention", "F(base circuit)",
+              "overlap"):
+        t.add_column(c, justify="left" if c == "model" else "right")
+    for m, r in models.items():
+        note = "" if r["target_reached"] else (" cap binds" if r["cap_binds"] else " target not reached")
+        ov = result["overlap"].get(m)
+        t.add_row(m, _ci(r["gap_ci"]), _ci(r["capability"]), f"{len(r['circuit'])} / {r['max_heads']}{note}",
+                  _ci(r["faithfulness_ci"]), _ci(result["retention"].get(m), pct=True),
+                  _ci(result["base_circuit_faithfulness"].get(m)), "-" if ov is None else f"{100 * ov:.0f} %")
+    console.print(t)
+    h = Table(title="top heads of the base: raw effect (m_patched - m_clean) | base-scale score s_h [95% CI]")
+    h.add_column("head")
+    for m in models:
+        h.add_column(f"{m} effect", justify="right")
+        h.add_column(f"{m} s_h", justify="right")
+    base = models["base"]
+    for u in base["ranking"][: max(top, base["max_heads"])]:
+        layer, hd = int(u[1:u.index(".")]), int(u.rsplit(".", 1)[1])
+        cells = []
+        for r in models.values():
+            s = {"value": r["score"][layer][hd], "lo": r["score_lo"][layer][hd], "hi": r["score_hi"][layer][hd]}
+            cells += [f"{r['effect'][layer][hd]:+.4f}", _ci(s)]
+        h.add_row(u + (" *" if u in base["circuit"] else ""), *cells)
+    console.print(h)
+    console.print("* = in the base circuit")
+    for m, r in models.items():
+        for w in r.get("warnings") or []:
+            console.print(f"{m}: {w}")
+    d = result.get("retention_difference")
+    if d and d.get("value") is not None:
+        pts = {**d, **{k: 100 * d[k] for k in ("value", "lo", "hi")}}
+        console.print(f"retention {result['rl']} - {result['sft']} (paired over prompts, points): {fmt_diff(pts)}; "
+                      f"{len(result.get('vulnerable') or [])} vulnerable heads at delta {result['delta']:g}")

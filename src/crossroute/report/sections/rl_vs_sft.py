@@ -9,7 +9,7 @@ from crossroute.analyze.circuits import SEED_REFERENCE
 from crossroute.core.errors import CrossrouteError
 from crossroute.core.rundir import RunDir
 from crossroute.report.registry import register_section
-from crossroute.report.sections.circuits import render_circuits_section
+from crossroute.report.sections.circuits import fmt_ci, render_circuits_section
 
 
 def render_rl_vs_sft_section(result: dict[str, Any]) -> str:
@@ -21,14 +21,18 @@ def render_rl_vs_sft_section(result: dict[str, Any]) -> str:
     dom = result["domain"]
     others = [d for d in result["domains"] if d != dom]
     header = (["model", f"{dom} (own)", "own gain"] + [f"Δ {d}" for d in others]
-              + ["mean forgetting", "KL/token", "KL/completion", f"retained ({dom})", "retained (others, mean)",
-                 f"mean |Δs_h| ({dom})"])
+              + ["mean forgetting", "KL/token", "KL/completion", f"retained ({dom}) [95% CI]",
+                 "retained (others, mean)", f"mean |Δs_h| ({dom})"])
 
     def pct(v: float | None) -> str:
         return "–" if v is None else f"{100 * v:.0f} %"
 
+    def own_ret(r: dict[str, Any]) -> str:
+        lo, hi = (r.get("retention_own_ci") or [None, None])[:2]
+        return fmt_ci({"value": r["retention_own"], "lo": lo, "hi": hi}, pct=True)
+
     rows = [[r["model"], r["own"], r["own_gain"], *[r["others_change"][d] for d in others], r["forgetting_mean"],
-             f"{r['kl_token']:.4f}", f"{r['kl_seq']:.4f}", pct(r["retention_own"]), pct(r["retention_others_mean"]),
+             f"{r['kl_token']:.4f}", f"{r['kl_seq']:.4f}", own_ret(r), pct(r["retention_others_mean"]),
              f"{r.get('mean_abs_score_shift', {}).get(dom, 0.0):.4f}"]
             for r in result["rows"]]
     ref = result.get("seed_reference", SEED_REFERENCE)
@@ -38,9 +42,12 @@ def render_rl_vs_sft_section(result: dict[str, Any]) -> str:
              "picked from "
              f"{', '.join(str(s['steps']) for s in sft['search'])} to match RL's held-out {html.escape(dom)} score). "
              f"Forgetting = base score − model score on each other domain (mean). KL: "
-             f"{html.escape(result['kl_definition'])}. Retained = share of the base model's circuit heads that are "
-             f"in the model's own circuit.</p>",
+             f"{html.escape(result['kl_definition'])}. Retained = share of what the base circuit recovers in the base "
+             "that the same heads still recover in the model, on the base model's metric scale (see the circuits "
+             "section).</p>",
              table(header, rows),
+             f"<p>Retention RL − SFT on {html.escape(dom)}, paired over prompts: "
+             f"{fmt_ci((result.get('retention_difference') or {}).get(dom), pct=True, p=True)}.</p>",
              f"<p>Seed ({html.escape(ref['model'])}, {html.escape(ref['task'])}): RL retains "
              f"~{100 * ref['rl_retained']:.0f} % of the base circuit, SFT ~{100 * ref['sft_retained']:.0f} %.</p>"]
     if result.get("warning"):
