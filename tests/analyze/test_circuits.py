@@ -193,10 +193,31 @@ def test_kl_of_a_model_to_itself_is_zero_and_positive_to_another() -> None:
 
     model, tok = _tiny(6)
     other, _ = _tiny(7)
-    prompts = [p.clean for p in pairs_for("math", 6)]
+    prompts = [tok(p.clean, add_special_tokens=False)["input_ids"] for p in pairs_for("math", 6)]
     same = kl_to_base(model, model, tok, prompts, max_new_tokens=4, seed=0)
-    assert same["kl_token"] == 0.0 and same["n_tokens"] > 0
-    assert kl_to_base(model, other, tok, prompts, max_new_tokens=4, seed=0)["kl_token"] > 0
+    assert same["kl_token"] == 0.0 and same["n_tokens"] > 0 and same["reverse"]["kl_token"] == 0.0
+    diff = kl_to_base(model, other, tok, prompts, max_new_tokens=4, seed=0)
+    assert diff["kl_token"] > 0 and diff["reverse"]["kl_token"] > 0 and "forward" in diff["direction"]
+    assert diff["kl_seq_ci"][0] <= diff["kl_seq"] <= diff["kl_seq_ci"][1]
+
+
+def test_forward_kl_samples_from_the_base_and_matches_an_exact_sum() -> None:
+    # With one new token, the sampled estimate of KL(p || q) averages the exact next-token KL at the prompt's end
+    # over prompts: it equals sum_v p(v)(log p(v) - log q(v)) computed directly, whichever token was sampled.
+    from crossroute.experiments.rl_vs_sft import sampled_kl
+
+    p_model, tok = _tiny(6)
+    q_model, _ = _tiny(7)
+    ids = [tok(p.clean, add_special_tokens=False)["input_ids"] for p in pairs_for("math", 4)]
+    got = sampled_kl(p_model, p_model, q_model, tok, ids, max_new_tokens=1, seed=0, batch_size=1)
+    want = []
+    with torch.no_grad():
+        for row in ids:
+            x = torch.tensor([row])
+            lp = torch.log_softmax(p_model(x).logits[0, -1].float(), -1)
+            lq = torch.log_softmax(q_model(x).logits[0, -1].float(), -1)
+            want.append(float((lp.exp() * (lp - lq)).sum()))
+    assert got["kl_seq"] == pytest.approx(sum(want) / len(want), rel=1e-4)
 
 
 def test_per_prompt_values_do_not_depend_on_batching() -> None:

@@ -5,11 +5,13 @@ lr 1e-4, beta 0, loss dapo, 60 steps). SFT = crossroute.sft.sft_train on the sam
 answers, with the step count picked from a small grid (plus bisection) so that its held-out score on
 the domain matches the RL model's as closely as possible (ties: fewer steps).
 
-KL(model || base) on the domain's prompts: one completion per held-out prompt sampled from the
-fine-tuned model (temperature 1, no top-k/top-p, up to the domain's max_new_tokens, stopped at eos);
-at every sampled position (eos included) the exact full-vocabulary KL Σ_v p_M(v)(log p_M(v) −
-log p_base(v)) of the next-token distributions given the same prefix; reported as the mean over all
-sampled tokens (kl_token) and the mean over prompts of the per-completion sum (kl_seq).
+KL on the domain's held-out prompts, both directions, named in the result. The RL's Razor quantity (Shenfeld et
+al. 2025) is the forward KL(base || model): completions sampled from the *base* (temperature 1, no top-k/top-p,
+up to the domain's max_new_tokens, stopped at eos), and at every sampled position (eos included) the exact
+full-vocabulary Σ_v p_base(v)(log p_base(v) − log p_M(v)) of the next-token distributions given the same prefix.
+The reverse KL(model || base) samples from the model instead. Each is reported as the mean over all sampled
+tokens (kl_token) and the mean over prompts of the per-completion sum (kl_seq, with a 95 % bootstrap CI).
+Prompts are tokenised as in GRPO and eval (`Domain.prompt_ids`) and left-padded for generation.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from crossroute.core.rundir import RunDir
 from crossroute.domains.builtin import DEFAULT_DOMAINS
 from crossroute.domains.files import get_domain
 from crossroute.experiments.sequence import StageConfig, TrainConfig, run_training
-from crossroute.measure.evaluate import evaluate_all, evaluate_domain
+from crossroute.measure.evaluate import EVAL_SEED, evaluate_all, evaluate_domain, left_pad
+from crossroute.measure.stats import mean_ci
 from crossroute.model.load import load_model, resolve_model_path
 from crossroute.train.sft import sft_train
 
@@ -35,41 +38,55 @@ from crossroute.train.sft import sft_train
 DEFAULT_GRPO: dict[str, Any] = {"num_generations": 8, "per_device_train_batch_size": 64, "max_completion_length": 24,
                                 "learning_rate": 1e-4, "beta": 0.0, "loss_type": "dapo", "temperature": 1.0,
                                 "logging_steps": 10}
-KL_DEFINITION = ("one completion per held-out prompt sampled from the fine-tuned model (temperature 1, no top-k/top-p, "
-                 "stopped at eos or max_new_tokens); at each sampled position, eos included, the exact full-vocabulary "
-                 "KL(p_model || p_base) of the next-token distributions given the same prefix; kl_token = mean over "
-                 "all sampled tokens, kl_seq = mean over prompts of the per-completion sum")
+KL_DEFINITION = ("forward KL(base || model), the RL's Razor quantity: one completion per held-out prompt sampled from "
+                 "the base (temperature 1, no top-k/top-p, stopped at eos or max_new_tokens); at each sampled "
+                 "position, eos included, the exact full-vocabulary KL of the next-token distributions given the same prefix; "
+                 "kl_token = mean over all sampled tokens, kl_seq = mean over prompts of the per-completion sum. "
+                 "kl_reverse_*: KL(model || base), sampled from the model")
 
 
 @torch.no_grad()
-def kl_to_base(model: PreTrainedModel, base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
-               max_new_tokens: int, seed: int = 0, batch_size: int = 64) -> dict[str, float]:
-    """Token-level KL(model || base) on completions sampled from `model` (see the module docstring)."""
-    device = next(model.parameters()).device
+def sampled_kl(sampler: PreTrainedModel, p: PreTrainedModel, q: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+               prompt_ids: list[list[int]], max_new_tokens: int, seed: int = 0,
+               batch_size: int = 64) -> dict[str, Any]:
+    """Token-level KL(p || q) on completions sampled from `sampler` (exact over the vocabulary at each sampled
+    position); `sampler` is p for the KL to be an unbiased estimate of the sequence-level KL."""
+    device = next(sampler.parameters()).device
     eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     total_kl, total_tok, seq_sums = 0.0, 0, []
     torch.manual_seed(seed)
-    for start in range(0, len(prompts), batch_size):
-        enc = tokenizer(prompts[start: start + batch_size], return_tensors="pt", padding=True).to(device)
-        gen = model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
-        plen = enc["input_ids"].shape[1]
+    for start in range(0, len(prompt_ids), batch_size):
+        ids, attn = left_pad(prompt_ids[start: start + batch_size], pad)
+        ids, attn = ids.to(device), attn.to(device)
+        gen = sampler.generate(input_ids=ids, attention_mask=attn, do_sample=True, temperature=1.0, top_k=0,
+                               top_p=1.0, max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos)
+        plen = ids.shape[1]
         new = gen[:, plen:]
         # keep generated tokens up to and including the first eos
         is_eos = (new == eos).long() if eos is not None else torch.zeros_like(new)
-        after = (is_eos.cumsum(-1) - is_eos) > 0
-        keep = ~after
-        mask = torch.cat([enc["attention_mask"], keep.long()], dim=1)
+        keep = ~((is_eos.cumsum(-1) - is_eos) > 0)
+        mask = torch.cat([attn, keep.long()], dim=1)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        lp_m = torch.log_softmax(model(input_ids=gen, attention_mask=mask, position_ids=pos).logits.float(), -1)
-        lp_b = torch.log_softmax(base(input_ids=gen, attention_mask=mask, position_ids=pos).logits.float(), -1)
-        lp_m, lp_b = lp_m[:, plen - 1: -1], lp_b[:, plen - 1: -1]  # predictions of the generated tokens
-        kl = (lp_m.exp() * (lp_m - lp_b)).sum(-1) * keep
+        lp_p = torch.log_softmax(p(input_ids=gen, attention_mask=mask, position_ids=pos).logits.float(), -1)
+        lp_q = torch.log_softmax(q(input_ids=gen, attention_mask=mask, position_ids=pos).logits.float(), -1)
+        lp_p, lp_q = lp_p[:, plen - 1: -1], lp_q[:, plen - 1: -1]  # predictions of the generated tokens
+        kl = (lp_p.exp() * (lp_p - lp_q)).sum(-1) * keep
         total_kl += float(kl.sum())
         total_tok += int(keep.sum())
         seq_sums += kl.sum(-1).tolist()
+    ci = mean_ci(seq_sums, scale=1.0)
     return {"kl_token": total_kl / max(total_tok, 1), "kl_seq": sum(seq_sums) / max(len(seq_sums), 1),
-            "n_prompts": len(prompts), "n_tokens": total_tok}
+            "kl_seq_ci": [ci.lo, ci.hi], "n_prompts": len(prompt_ids), "n_tokens": total_tok}
+
+
+def kl_to_base(model: PreTrainedModel, base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+               prompt_ids: list[list[int]], max_new_tokens: int, seed: int = 0) -> dict[str, Any]:
+    """Forward KL(base || model) sampled from the base (RL's Razor), and the reverse KL(model || base) sampled
+    from the model under `reverse`."""
+    fwd = sampled_kl(base, base, model, tokenizer, prompt_ids, max_new_tokens, seed)
+    rev = sampled_kl(model, model, base, tokenizer, prompt_ids, max_new_tokens, seed)
+    return {**fwd, "direction": "forward KL(base || model), sampled from the base", "reverse": rev}
 
 
 def _sft_search(base: Path, domain: str, work: Path, steps_grid: list[int], target: float, lr: float, batch: int,
@@ -162,12 +179,13 @@ def run_rl_vs_sft(
     # KL to the base on the domain's held-out prompts
     t0 = time.perf_counter()
     dom = get_domain(domain)
-    prompts = [e.prompt for e in dom.examples("eval", kl_n, seed=seed)]
     base_loaded = load_model(base_path)
-    kl = {"base": {"kl_token": 0.0, "kl_seq": 0.0, "n_prompts": len(prompts), "n_tokens": None}}
+    prompt_ids = [dom.prompt_ids(e, base_loaded.tokenizer) for e in dom.examples("eval", kl_n, seed=EVAL_SEED)]
+    zero = {"kl_token": 0.0, "kl_seq": 0.0, "kl_seq_ci": [0.0, 0.0], "n_prompts": len(prompt_ids), "n_tokens": None}
+    kl = {"base": {**zero, "reverse": dict(zero)}}
     for name, path in (("rl", rl_ckpt), ("sft", sft_ckpt)):
         m = load_model(path)
-        kl[name] = kl_to_base(m.model, base_loaded.model, m.tokenizer, prompts, dom.max_new_tokens, seed)
+        kl[name] = kl_to_base(m.model, base_loaded.model, m.tokenizer, prompt_ids, dom.max_new_tokens, seed)
     timings["kl"] = round(time.perf_counter() - t0, 2)
 
     # circuits of every domain: base vs RL vs SFT
@@ -187,7 +205,8 @@ def run_rl_vs_sft(
             "model": name, "own": s[domain], "own_gain": s[domain] - scores["base"][domain],
             "others_change": change,
             "forgetting_mean": 0.0 - sum(change.values()) / len(change) if change else 0.0,
-            "kl_token": kl[name]["kl_token"], "kl_seq": kl[name]["kl_seq"],
+            "kl_token": kl[name]["kl_token"], "kl_seq": kl[name]["kl_seq"], "kl_seq_ci": kl[name]["kl_seq_ci"],
+            "kl_reverse_token": kl[name]["reverse"]["kl_token"],
             **circuit_columns(circuits, domains, domain, name),
         })
     timings["total"] = round(time.perf_counter() - t_all, 2)

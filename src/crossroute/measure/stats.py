@@ -69,13 +69,15 @@ def _percentile(means: np.ndarray, level: float) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def mean_ci(x: Sequence[float], level: float = LEVEL, n_boot: int = N_BOOT, seed: int = 0) -> Estimate:
-    """Mean of per-example scores in [0, 1] as points, with a percentile-bootstrap CI over examples."""
+def mean_ci(x: Sequence[float], level: float = LEVEL, n_boot: int = N_BOOT, seed: int = 0,
+            scale: float = 100.0) -> Estimate:
+    """Mean of per-example values times `scale` (scores in [0, 1] as points by default), with a percentile-bootstrap
+    CI over examples."""
     arr = np.asarray(x, dtype=np.float64)
     if arr.size == 0:
         return Estimate(float("nan"), float("nan"), float("nan"), 0)
     lo, hi = _percentile(_boot_means(arr, n_boot, seed), level)
-    return Estimate(round(100 * float(arr.mean()), 4), round(100 * lo, 4), round(100 * hi, 4), int(arr.size))
+    return Estimate(round(scale * float(arr.mean()), 6), round(scale * lo, 6), round(scale * hi, 6), int(arr.size))
 
 
 def mcnemar_p(a: Sequence[float], b: Sequence[float]) -> float:

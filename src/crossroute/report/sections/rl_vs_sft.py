@@ -12,6 +12,12 @@ from crossroute.report.registry import register_section
 from crossroute.report.sections.circuits import fmt_ci, render_circuits_section
 
 
+def _kl_seq(r: dict[str, Any]) -> str:
+    """The per-completion forward KL with its CI when the result carries one."""
+    ci = r.get("kl_seq_ci")
+    return f"{r['kl_seq']:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
+
+
 def render_rl_vs_sft_section(result: dict[str, Any]) -> str:
     """HTML <section>: the comparison table next to the seed's retention, plus the own domain's circuits."""
     from crossroute.report.html import table
@@ -21,7 +27,8 @@ def render_rl_vs_sft_section(result: dict[str, Any]) -> str:
     dom = result["domain"]
     others = [d for d in result["domains"] if d != dom]
     header = (["model", f"{dom} (own)", "own gain"] + [f"Δ {d}" for d in others]
-              + ["mean forgetting", "KL/token", "KL/completion", f"retained ({dom}) [95% CI]",
+              + ["mean forgetting", "forward KL/token", "forward KL/completion [95% CI]", "reverse KL/token",
+                 f"retained ({dom}) [95% CI]",
                  "retained (others, mean)", f"mean |Δs_h| ({dom})"])
 
     def pct(v: float | None) -> str:
@@ -32,7 +39,8 @@ def render_rl_vs_sft_section(result: dict[str, Any]) -> str:
         return fmt_ci({"value": r["retention_own"], "lo": lo, "hi": hi}, pct=True)
 
     rows = [[r["model"], r["own"], r["own_gain"], *[r["others_change"][d] for d in others], r["forgetting_mean"],
-             f"{r['kl_token']:.4f}", f"{r['kl_seq']:.4f}", own_ret(r), pct(r["retention_others_mean"]),
+             f"{r['kl_token']:.4f}", _kl_seq(r), "–" if r.get("kl_reverse_token") is None else
+             f"{r['kl_reverse_token']:.4f}", own_ret(r), pct(r["retention_others_mean"]),
              f"{r.get('mean_abs_score_shift', {}).get(dom, 0.0):.4f}"]
             for r in result["rows"]]
     ref = result.get("seed_reference", SEED_REFERENCE)
