@@ -40,8 +40,8 @@ DEFAULT_GRPO: dict[str, Any] = {"num_generations": 8, "per_device_train_batch_si
                                 "logging_steps": 10}
 KL_DEFINITION = ("forward KL(base || model), the RL's Razor quantity: one completion per held-out prompt sampled from "
                  "the base (temperature 1, no top-k/top-p, stopped at eos or max_new_tokens); at each sampled "
-                 "position, eos included, the exact full-vocabulary KL of the next-token distributions given the same prefix; "
-                 "kl_token = mean over all sampled tokens, kl_seq = mean over prompts of the per-completion sum. "
+                 "position, eos included, the exact full-vocabulary KL of the next-token distributions given the "
+                 "same prefix; kl_token = mean over all sampled tokens, kl_seq = mean over prompts of the per-completion sum. "
                  "kl_reverse_*: KL(model || base), sampled from the model")
 
 
