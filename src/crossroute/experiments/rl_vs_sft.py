@@ -38,11 +38,12 @@ from crossroute.train.sft import sft_train
 DEFAULT_GRPO: dict[str, Any] = {"num_generations": 8, "per_device_train_batch_size": 64, "max_completion_length": 24,
                                 "learning_rate": 1e-4, "beta": 0.0, "loss_type": "dapo", "temperature": 1.0,
                                 "logging_steps": 10}
-KL_DEFINITION = ("forward KL(base || model), the RL's Razor quantity: one completion per held-out prompt sampled from "
-                 "the base (temperature 1, no top-k/top-p, stopped at eos or max_new_tokens); at each sampled "
-                 "position, eos included, the exact full-vocabulary KL of the next-token distributions given the "
-                 "same prefix; kl_token = mean over all sampled tokens, kl_seq = mean over prompts of the per-completion sum. "
-                 "kl_reverse_*: KL(model || base), sampled from the model")
+KL_DEFINITION = (
+    "forward KL(base || model), the RL's Razor quantity: one completion per held-out prompt sampled from the base "
+    "(temperature 1, no top-k/top-p, stopped at eos or max_new_tokens); at each sampled position, eos included, "
+    "the exact full-vocabulary KL of the next-token distributions given the same prefix; kl_token = mean over all "
+    "sampled tokens, kl_seq = mean over prompts of the per-completion sum. kl_reverse_*: KL(model || base), "
+    "sampled from the model")
 
 
 @torch.no_grad()
