@@ -1,64 +1,104 @@
-"""A sandbox for model-generated Python, and the `code` domain (prompt + tests) that uses it.
+"""A sandbox for model-generated Python whose verdict is decided outside it.
 
-`run_sandboxed(code, tests)` runs the code followed by the tests (plain asserts) in a separate,
-isolated interpreter (`python -I -S`) inside a throwaway temporary directory, and reports why it
-stopped. Layers, from hardest to softest (see SAFETY.md):
+`run_sandboxed(code, tests)` runs `code` (the model's program) in a throwaway, kernel-isolated child
+interpreter and judges it by `tests` without ever letting the program see or touch the verdict.
 
-* resource limits set in the child before exec: CPU seconds, address space, file size, open files,
-  processes, no core dumps; a wall-clock timeout enforced by the parent;
-* its own session / process group, killed as a whole when the run ends or overruns;
-* when the `unshare` binary works (checked once): new network namespace (no network at all) and new
-  PID namespace (every process of the run dies with it, even ones that left the process group);
-* when a cgroup-v1 `pids` hierarchy is writable: a per-run cgroup whose `pids.max` caps processes
-  (RLIMIT_NPROC is not enforced for root);
-* a prelude in the child installs an audit hook (`sys.addaudithook`, which cannot be removed) that
-  refuses sockets, process creation, signals, ctypes, rlimit changes, reads outside the sandbox
-  directory and the standard library, and writes outside the sandbox directory.
+**The verdict.** The child holding the model's code ("the solution") is treated as fully hostile: it
+may run native code, rewrite its own interpreter, write anything to any file descriptor it holds. So
+nothing it *says* about the tests is believed; it can only answer questions of the form "call your
+function `f` with these plain arguments" or "what is your global `X`", and every answer is decoded as
+plain data (exact `int float complex str bytes bool None list tuple dict set frozenset`, JSON-tagged,
+never pickle; anything else, e.g. an object with a custom `__eq__`, is `not_plain_data`). Two forms:
 
-The audit-hook guards are best-effort: they stop accidents and casual escapes by generated code,
-not a determined attacker (CPython introspection can reach the runner's state). Without the network
-namespace (no working `unshare`), "no network" rests on the hook alone. Run untrusted RL code
-generation inside a container or VM as well.
+* **values** (most MBPP/HumanEval rows): tests made only of `assert <expr>` statements (plus
+  `import math`, `NAME = <constant expression>`, docstrings, `pass`, and a HumanEval-style
+  `def check(candidate)` whose body is only such asserts, called as `check(fn)`), where each call of a
+  solution function has arguments the trainer can compute itself. The trainer parses the tests with
+  `ast`, sends the child only the list of calls (function name + argument values), and evaluates
+  every assertion itself over the returned values. Expected values and comparisons never enter the
+  sandbox.
+* **tester** (anything else, e.g. loops or helpers in `check`): the tests run in a *second* sandbox of
+  the same kind, holding only the standard library and the tests, where each free name the tests use
+  that the solution defines becomes a proxy: a call sends plain arguments over a pipe and gets a plain
+  value (or a builtin exception) back. The verdict is what that process writes on its own status pipe,
+  which the solution's process cannot reach (separate user, PID, mount, IPC and network namespaces,
+  and a separate uid when the trainer is root).
+
+Either way the solution can only choose the return values of the calls made to it, which an honest
+program could equally return, so the reward is what the tests conclude about those values.
+
+**The boundary** is the kernel, not Python. Each child runs in a jail built by bubblewrap (`bwrap`)
+when it works here, else by util-linux `unshare` plus a small trusted setup script (`mount(2)` via
+ctypes, then chroot): fresh user/PID/mount/IPC/UTS/network namespaces, a read-only root holding only
+the interpreter binary, the standard library (its `site-packages` hidden), the shared-library
+directories the interpreter loads, `/etc/ld.so.cache`, a minimal `/dev`, its own `/proc` (with
+`/proc/sys` read-only), the run's files read-only at `/sbx`, and a size-limited tmpfs at `/work` (the
+cwd and `TMPDIR`) as the only writable place; no network at all. As root, each child drops to a
+fresh unprivileged uid, so RLIMIT_NPROC applies and no host file is owned by it. Kept layers: rlimits
+(CPU, address space, file size, open files, processes, no core), the wall-clock timeout, session and
+process-group kill, a per-run pids cgroup (cgroup v1) when writable, output caps, and, in the
+solution's process only, an audit hook refusing sockets, processes, ctypes, rlimit changes and file
+access outside the sandbox (an extra tripwire: a refusal makes the reward 0 with `escape_attempt`).
+
+Each backend is probed once per process by starting a jail and checking from inside (not root, only
+`lo`, nothing writable but /work, nothing unexpected at /). Without any working kernel isolation the
+sandbox refuses to run code (reason `no_isolation`, one warning) unless
+`SandboxLimits(allow_unisolated=True)` or `CROSSROUTE_ALLOW_UNISOLATED_CODE=1` opts in to the weak mode
+(the same verdict logic, but the processes share the trainer's filesystem and user, so a hostile
+program can read files and interfere with the test process).
+
+Not covered: kernel exploits (the jail shares the host kernel; no seccomp or Landlock filter is
+installed), timing side channels, and tests that hand the solution anything but plain data (lambdas,
+objects, in-place mutation of an argument): those fail with `not_plain_data` rather than run. The
+tests' builtins are always the real ones, never names the solution redefines. With bwrap as root,
+nested user namespaces stay possible inside the jail (its mounts are locked, so this widens the kernel
+surface but reveals no file). Linux only.
 """
 
 from __future__ import annotations
 
+import ast
+import builtins
+import json
+import math
 import os
 import resource
 import secrets
 import selectors
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-# ----------------------------------------------------------------------------- the child's prelude
-
-
-
-# ----------------------------------------------------------------------------- host-side isolation
-
-
-
-
+from crossroute.core.errors import CrossrouteError
 
 MB = 1024 * 1024
 
-
 REASONS = ("ok", "timeout", "cpu_limit", "memory", "crash", "assertion", "syntax_error",
-           "escape_attempt", "output_limit")
+           "escape_attempt", "output_limit", "not_plain_data", "no_isolation")
+
+ALLOW_UNISOLATED_ENV = "CROSSROUTE_ALLOW_UNISOLATED_CODE"
+ISOLATIONS = ("auto", "bwrap", "unshare")
 
 
 @dataclass(frozen=True)
 class SandboxLimits:
-    """Per-run limits. `allow_subprocesses` lifts only the audit-hook guard on fork/exec."""
+    """Per-run limits and isolation choices.
+
+    `allow_subprocesses` lifts only the audit-hook guard on fork/exec (the jail still holds).
+    `isolation`: "auto" (bwrap, else unshare), or force "bwrap" / "unshare". `namespaces=False` asks
+    for no kernel isolation at all, which, like a machine without any, needs `allow_unisolated`.
+    """
 
     wall_seconds: float = 5.0
     cpu_seconds: int = 4
@@ -67,13 +107,20 @@ class SandboxLimits:
     open_files: int = 64
     processes: int = 16
     output_bytes: int = 64 * 1024  # cap on stdout and on stderr, each
-    allow_subprocesses: bool = False  # True: hook allows fork/exec; rlimits etc. still apply
-    namespaces: bool = True  # use `unshare` (network + PID namespaces) when it works here
+    allow_subprocesses: bool = False
+    namespaces: bool = True
+    isolation: str = "auto"
+    allow_unisolated: bool = False  # also enabled by CROSSROUTE_ALLOW_UNISOLATED_CODE=1
+    disk_bytes: int = 16 * MB  # size of the writable /work tmpfs
 
 
 @dataclass(frozen=True)
 class SandboxResult:
-    """What one run did; `reason` is in REASONS ('output_limit' also means the file-size limit)."""
+    """What one run did; `reason` is in REASONS ('output_limit' also means the file-size limit).
+
+    `verdict` says who judged: "values" (the trainer, over returned values), "tester" (the separate
+    test process), or "" (no verdict: the run failed first). `isolation` is the backend used.
+    """
 
     passed: bool
     reason: str
@@ -81,30 +128,155 @@ class SandboxResult:
     wall_seconds: float
     stdout: str
     stderr: str
-    detail: str = ""  # e.g. the refused operation for 'escape_attempt'
+    detail: str = ""  # e.g. the refused operation for 'escape_attempt', the failing assert
+    verdict: str = ""
+    isolation: str = ""
 
 
-_RUNNER = r'''
-import os, sys, errno, signal
+# ----------------------------------------------------------------------------- code shared with children
+
+# Plain-data codec: used by the trainer (decoding only what this accepts) and by both children.
+_CODEC = r'''
+import json as _json
+import os, sys
+
+_MAX_DEPTH = 100
+_SEQ = {list: "l", tuple: "t", set: "s", frozenset: "f"}
+_UNSEQ = {"l": list, "t": tuple, "s": set, "f": frozenset}
+
+
+class NotPlain(Exception):
+    """A value that is not plain builtin data, or is too deep or too large to carry."""
+
+
+def to_plain(v, depth=0):
+    """`v` as JSON-ready data; exact builtin types only (subclasses are refused)."""
+    if depth > _MAX_DEPTH:
+        raise NotPlain("nested more than %d levels" % _MAX_DEPTH)
+    t = type(v)
+    if v is None or t is bool or t is int or t is float or t is str:
+        return v
+    if t in _SEQ:
+        return {_SEQ[t]: [to_plain(x, depth + 1) for x in v]}
+    if t is dict:
+        return {"d": [[to_plain(k, depth + 1), to_plain(x, depth + 1)] for k, x in v.items()]}
+    if t is bytes:
+        return {"b": v.hex()}
+    if t is complex:
+        return {"c": [v.real, v.imag]}
+    raise NotPlain("a %s object" % getattr(t, "__name__", "?"))
+
+
+def from_plain(x, depth=0):
+    """The value `to_plain` encoded; anything else raises NotPlain."""
+    if depth > _MAX_DEPTH:
+        raise NotPlain("nested more than %d levels" % _MAX_DEPTH)
+    t = type(x)
+    if x is None or t is bool or t is int or t is float or t is str:
+        return x
+    if t is dict and len(x) == 1:
+        tag, body = next(iter(x.items()))
+        try:
+            if tag in _UNSEQ and type(body) is list:
+                return _UNSEQ[tag](from_plain(y, depth + 1) for y in body)
+            if tag == "d" and type(body) is list:
+                out = {}
+                for pair in body:
+                    if type(pair) is not list or len(pair) != 2:
+                        raise NotPlain("a malformed dict")
+                    out[from_plain(pair[0], depth + 1)] = from_plain(pair[1], depth + 1)
+                return out
+            if tag == "b" and type(body) is str:
+                return bytes.fromhex(body)
+            if tag == "c" and type(body) is list and len(body) == 2 and all(type(p) in (int, float) for p in body):
+                return complex(body[0], body[1])
+        except (TypeError, ValueError, OverflowError) as e:
+            raise NotPlain("an undecodable value (%s)" % type(e).__name__) from None
+    raise NotPlain("not an encoded plain value")
+
+
+def dumps(obj):
+    """One ASCII JSON line."""
+    try:
+        return _json.dumps(obj, separators=(",", ":"))
+    except (ValueError, TypeError, RecursionError) as e:
+        raise NotPlain(str(e)[:200]) from None
+
+
+def loads(text, cap):
+    """Parse one JSON message of at most `cap` characters."""
+    if len(text) > cap:
+        raise NotPlain("a message over %d bytes" % cap)
+    try:
+        return _json.loads(text)
+    except (ValueError, RecursionError, MemoryError) as e:
+        raise NotPlain("malformed JSON (%s)" % type(e).__name__) from None
+
+
+def enter_jail(status_fd):
+    """First thing in a child: drop to the run's uid when asked (bwrap as root), then refuse to go on
+    if any privilege is left inside a kernel jail."""
+    drop = os.environ.pop("CR_DROP_UID", "")
+    isolated = os.environ.pop("CR_ISOLATED", "") == "1"
+    if drop:
+        uid = int(drop)
+        os.setgroups([])
+        os.setgid(uid)
+        os.setuid(uid)
+    if not isolated:
+        return
+    cap = None
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    cap = int(line.split()[1], 16)
+    except (OSError, ValueError):
+        pass
+    if os.getuid() == 0 or cap:
+        os.write(status_fd, b"error no_isolation the sandbox still has privileges\n")
+        os._exit(3)
+'''
+
+_codec: dict[str, Any] = {}
+exec(compile(_CODEC, "<sandbox codec>", "exec"), _codec)
+_NotPlain: type[Exception] = _codec["NotPlain"]
+_to_plain: Callable[[Any], Any] = _codec["to_plain"]
+_from_plain: Callable[[Any], Any] = _codec["from_plain"]
+_dumps: Callable[[Any], str] = _codec["dumps"]
+_loads: Callable[[str, int], Any] = _codec["loads"]
+
+_REPLY_CAP = 8 * MB  # the solution's answers, in all (values form) or per reply (tester form)
+
+# The solution's process: loads the code under an audit hook, then answers calls (a batch from
+# /sbx/calls.json, or requests from the tester on CR_REQ_FD) on CR_RESP_FD.
+_RUNNER = _CODEC + r'''
+import errno, signal, traceback
+
 
 def _main():
-    fd = int(os.environ.pop("CR_STATUS_FD"))
-    nonce = os.environ.pop("CR_NONCE")
-    allow_sub = os.environ.pop("CR_ALLOW_SUB") == "1"
+    status = int(os.environ.pop("CR_STATUS_FD"))
+    resp = int(os.environ.pop("CR_RESP_FD"))
+    req = os.environ.pop("CR_REQ_FD", "")
+    allow_sub = os.environ.pop("CR_ALLOW_SUB", "0") == "1"
+    enter_jail(status)
     here = os.path.realpath(os.getcwd())
     runner = os.path.realpath(sys.argv[0])
-    with open(sys.argv[1], encoding="utf-8") as f:
+    code_path = os.path.realpath(sys.argv[1])
+    with open(code_path, encoding="utf-8", errors="surrogatepass") as f:
         code = f.read()
-    with open(sys.argv[2], encoding="utf-8") as f:
-        tests = f.read()
+    calls = None
+    if not req:
+        with open(sys.argv[2], encoding="utf-8") as f:
+            calls = loads(f.read(), 1 << 28)
     del sys.argv[1:]
     read_roots = tuple({os.path.realpath(p) for p in sys.path if p})
-    read_files = {runner, "/dev/null", "/dev/urandom", "/dev/random", "/dev/zero"}
+    read_files = {runner, code_path, "/dev/null", "/dev/urandom", "/dev/random", "/dev/zero"}
     escaped = []
 
     def report(msg):
         try:
-            os.write(fd, (msg + "\n").encode("utf-8", "replace"))
+            os.write(status, (msg.replace("\n", " ") + "\n").encode("utf-8", "replace"))
         except OSError:
             pass
 
@@ -120,7 +292,7 @@ def _main():
 
     def refuse(what):
         if not escaped:
-            report("escape " + what.replace("\n", " ")[:300])
+            report("escape " + what[:300])
         escaped.append(what)
         raise PermissionError(errno.EACCES, "sandbox: refused " + what)
 
@@ -143,8 +315,8 @@ def _main():
     listing = {"os.listdir", "os.scandir", "os.getxattr", "os.listxattr"}
     procs = ("os.fork", "os.forkpty", "os.system", "os.exec", "os.spawn", "os.posix_spawn",
              "subprocess.", "pty.spawn", "os.startfile")
-    always = ("socket.", "ctypes.", "os.kill", "os.killpg", "resource.setrlimit",
-              "resource.prlimit", "sys.remote_exec", "webbrowser.")
+    always = ("socket.", "ctypes.", "os.kill", "os.killpg", "resource.setrlimit", "sqlite3.enable_load_extension",
+              "sqlite3.load_extension", "resource.prlimit", "sys.remote_exec", "webbrowser.")
     n_writes = [0]
 
     def hook(event, args):
@@ -165,6 +337,11 @@ def _main():
             for a in args:
                 if isinstance(a, (str, bytes)) or hasattr(a, "__fspath__"):
                     check_write(a, event)
+        elif event == "sqlite3.connect":
+            db = args[0] if args else None
+            if isinstance(db, (str, bytes)) or hasattr(db, "__fspath__"):
+                if os.fsdecode(db) not in (":memory:", ""):
+                    check_write(db, event)
         elif event == "socket.__new__" and len(args) > 1 and args[1] == AF_UNIX:
             pass  # socketpair() (asyncio's self-pipe); connect/bind/send are still refused
         elif event.startswith(always) or (not allow_sub and event.startswith(procs)):
@@ -179,31 +356,17 @@ def _main():
 
         _posixsubprocess.fork_exec = _no_fork_exec
 
-    def done(reason):
-        if escaped:
-            reason = "escape_attempt"
-        report("result " + nonce + " " + reason)
+    def flush():
         for s in (sys.stdout, sys.stderr):
             try:
                 s.flush()
             except Exception:
                 pass
-        os._exit(0)
 
-    def on_xcpu(signum, frame):
-        report("result " + nonce + " cpu_limit")
-        os._exit(1)
-
-    signal.signal(signal.SIGXCPU, on_xcpu)
-    try:
-        unit_code = compile(code, "<solution>", "exec")
-        unit_tests = compile(tests, "<tests>", "exec")
-    except (SyntaxError, ValueError) as e:
-        import traceback
-        traceback.print_exception(type(e), e, None)
-        done("syntax_error")
-    g = {"__name__": "__main__", "__builtins__": __builtins__}
-    import traceback
+    def send(text):
+        data = (text + "\n").encode("ascii")
+        while data:
+            data = data[os.write(resp, data):]
 
     def show(e):
         try:
@@ -211,29 +374,601 @@ def _main():
         except BaseException:
             pass
 
+    def fail(reason, e=None):
+        if e is not None:
+            show(e)
+        if escaped:
+            reason = "escape_attempt"
+        report("error " + reason)
+        try:
+            send(dumps({"error": reason}))
+        except Exception:
+            pass
+        flush()
+        os._exit(0)
+
+    def on_xcpu(signum, frame):
+        report("error cpu_limit")
+        os._exit(1)
+
+    signal.signal(signal.SIGXCPU, on_xcpu)
     try:
-        exec(unit_code, g)
-        exec(unit_tests, g)
+        unit = compile(code, "<solution>", "exec")
+    except (SyntaxError, ValueError) as e:
+        traceback.print_exception(type(e), e, None)
+        fail("syntax_error")
+    g = {"__name__": "__main__", "__builtins__": __builtins__}
+    try:
+        exec(unit, g)
     except AssertionError as e:
-        show(e)
-        done("assertion")
+        fail("assertion", e)
     except MemoryError:
-        done("memory")
+        fail("memory")
     except OSError as e:
-        show(e)
-        done("output_limit" if e.errno == errno.EFBIG else "crash")
+        fail("output_limit" if e.errno == errno.EFBIG else "crash", e)
     except BaseException as e:
-        show(e)
-        done("crash")
-    done("ok")
+        fail("crash", e)
+
+    def answer(c):
+        try:
+            if "get" in c:
+                if c["get"] not in g:
+                    return dumps({"raised": "NameError", "msg": "name %r is not defined" % c["get"]})
+                v = g[c["get"]]
+            else:
+                f = g.get(c["call"])
+                if f is None:
+                    return dumps({"raised": "NameError", "msg": "name %r is not defined" % c["call"]})
+                args = [from_plain(a) for a in c["args"]]
+                kwargs = {k: from_plain(a) for k, a in c["kwargs"].items()}
+                v = f(*args, **kwargs)
+        except MemoryError:
+            return dumps({"raised": "MemoryError", "msg": ""})
+        except BaseException as e:
+            show(e)
+            try:
+                msg = str(e)[:300]
+            except BaseException:
+                msg = ""
+            return dumps({"raised": type(e).__name__, "msg": msg})
+        try:
+            return dumps({"ok": to_plain(v)})
+        except NotPlain as e:
+            return dumps({"bad": "%s, not plain data" % e})
+        except RecursionError:
+            return dumps({"bad": "too deeply nested"})
+
+    def describe(names):
+        out = {}
+        for n in names:
+            if type(n) is not str or n not in g:
+                continue
+            v = g[n]
+            if callable(v):
+                out[n] = ["callable"]
+                continue
+            try:
+                out[n] = ["value", to_plain(v)]
+            except (NotPlain, RecursionError):
+                out[n] = ["other", type(v).__name__]
+        return dumps({"names": out})
+
+    send(dumps({"loaded": True}))
+    if calls is not None:
+        for c in calls:
+            send(answer(c))
+        flush()
+        os._exit(0)
+    with os.fdopen(int(req), "rb") as rf:
+        while True:
+            line = rf.readline(1 << 28)
+            if not line:
+                break
+            try:
+                msg = loads(line.decode("ascii"), 1 << 28)
+                reply = describe(msg["names"]) if "names" in msg else answer(msg)
+                flush()  # the run may end right after the reply: keep what the code printed
+                send(reply)
+            except BrokenPipeError:
+                break
+            except Exception as e:
+                send(dumps({"bad": "a malformed request (%s)" % type(e).__name__}))
+    flush()
+    os._exit(0)
+
 
 _main()
 '''
 
+# The test process (trusted code only): runs the tests with the solution's names bound to proxies,
+# and writes its verdict as one JSON line on CR_STATUS_FD, which only it holds.
+_TESTER = _CODEC + r'''
+import builtins, importlib, symtable, traceback
+
+
+class Harness(BaseException):
+    """A failure of the test harness itself (a BaseException, so `except Exception` in tests cannot hide it)."""
+
+    def __init__(self, reason, detail):
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+def free_names(src):
+    """Names the tests read but never bind, builtins excluded: the ones the solution may provide."""
+    top = symtable.symtable(src, "<tests>", "exec")
+    bound = {s.get_name() for s in top.get_symbols() if s.is_assigned() or s.is_imported()}
+    found = set()
+
+    def walk(t):
+        for s in t.get_symbols():
+            if t.get_type() == "module":
+                if s.is_referenced() and not (s.is_assigned() or s.is_imported()):
+                    found.add(s.get_name())
+            elif s.is_global() and s.is_referenced():
+                found.add(s.get_name())
+        for c in t.get_children():
+            walk(c)
+
+    walk(top)
+    return sorted(n for n in found - bound if not hasattr(builtins, n))
+
+
+def _main():
+    status = int(os.environ.pop("CR_STATUS_FD"))
+    to_solution = int(os.environ.pop("CR_REQ_FD"))
+    from_solution = int(os.environ.pop("CR_RESP_FD"))
+    enter_jail(status)
+    with open(sys.argv[1], encoding="utf-8", errors="surrogatepass") as f:
+        tests = f.read()
+    del sys.argv[1:]
+    reader = os.fdopen(from_solution, "rb")
+    cap = int(os.environ.pop("CR_REPLY_CAP"))
+    failures = []
+
+    def finish(reason, detail=""):
+        for s in (sys.stdout, sys.stderr):
+            try:
+                s.flush()
+            except Exception:
+                pass
+        os.write(status, (dumps({"result": reason, "detail": detail[-2000:]}) + "\n").encode("ascii"))
+        os._exit(0)
+
+    def mark(h):
+        failures.append(h)
+        return h
+
+    def recv():
+        line = reader.readline(cap + 1)
+        if not line.endswith(b"\n"):
+            if len(line) > cap:
+                raise mark(Harness("output_limit", "a reply from the solution is over %d bytes" % cap))
+            raise mark(Harness("lost", "the solution process ended"))
+        try:
+            msg = loads(line.decode("ascii"), cap)
+        except (UnicodeDecodeError, NotPlain) as e:
+            raise mark(Harness("crash", "a garbled reply from the solution (%s)" % e)) from None
+        if type(msg) is not dict:
+            raise mark(Harness("crash", "a garbled reply from the solution"))
+        return msg
+
+    def send(msg):
+        data = (dumps(msg) + "\n").encode("ascii")
+        try:
+            while data:
+                data = data[os.write(to_solution, data):]
+        except OSError:
+            raise mark(Harness("lost", "the solution process ended")) from None
+
+    def unpack(msg, what):
+        if "ok" in msg:
+            try:
+                return from_plain(msg["ok"])
+            except (NotPlain, RecursionError) as e:
+                raise mark(Harness("not_plain_data", "%s returned %s" % (what, e))) from None
+        if "raised" in msg:
+            name, text = str(msg["raised"])[:100], str(msg.get("msg", ""))[:300]
+            cls = getattr(builtins, name, None)
+            if not (isinstance(cls, type) and issubclass(cls, Exception)):
+                raise RuntimeError("%s raised %s: %s" % (what, name, text))
+            try:
+                exc = cls(text)
+            except Exception:
+                exc = RuntimeError("%s raised %s: %s" % (what, name, text))
+            raise exc
+        if "bad" in msg:
+            raise mark(Harness("not_plain_data", "%s returned %s" % (what, str(msg["bad"])[:200])))
+        raise mark(Harness("crash", "a garbled reply from the solution"))
+
+    class Remote:
+        """A function of the solution: plain arguments go out, a plain value comes back."""
+
+        def __init__(self, name):
+            self.__name__ = self.__qualname__ = name
+
+        def __repr__(self):
+            return "<solution function %s>" % self.__name__
+
+        def __call__(self, *args, **kwargs):
+            try:
+                msg = {"call": self.__name__, "args": [to_plain(a) for a in args],
+                       "kwargs": {k: to_plain(v) for k, v in kwargs.items()}}
+            except (NotPlain, RecursionError) as e:
+                raise mark(Harness("not_plain_data", "the tests pass %s to %s(); only plain data crosses into "
+                                   "the sandbox" % (e, self.__name__))) from None
+            send(msg)
+            return unpack(recv(), self.__name__ + "()")
+
+    class Opaque:
+        """A solution global that is not plain data: any use fails the run."""
+
+        def __init__(self, name, kind):
+            self._why = "the tests use %s, a %s object of the solution; only plain data crosses the sandbox" % (
+                name, kind)
+
+        def _fail(self, *a, **k):
+            raise mark(Harness("not_plain_data", self._why))
+
+        __call__ = __getattr__ = __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = _fail
+        __iter__ = __len__ = __bool__ = __hash__ = __getitem__ = __contains__ = _fail
+
+    try:
+        tree = compile(tests, "<tests>", "exec")
+        free = free_names(tests)
+    except (SyntaxError, ValueError) as e:
+        finish("syntax_error", "the tests are not valid Python: %s" % e)
+    g = {"__name__": "__main__", "__builtins__": builtins}
+    try:
+        first = recv()
+        if "error" in first:
+            finish(str(first["error"])[:40], "the solution failed before the tests ran")
+        if first.get("loaded") is not True:
+            raise mark(Harness("crash", "a garbled first reply from the solution"))
+        send({"names": free})
+        info = recv().get("names")
+        if type(info) is not dict:
+            raise mark(Harness("crash", "a garbled reply from the solution"))
+        for name in free:
+            kind = info.get(name)
+            kind = kind if type(kind) is list and kind else ["missing"]
+            if kind[0] == "callable":
+                g[name] = Remote(name)
+            elif kind[0] == "value" and len(kind) == 2:
+                try:
+                    g[name] = from_plain(kind[1])
+                except (NotPlain, RecursionError):
+                    g[name] = Opaque(name, "malformed")
+            elif name in sys.stdlib_module_names:
+                try:
+                    g[name] = importlib.import_module(name)
+                except ImportError:
+                    pass
+            elif kind[0] == "other":
+                g[name] = Opaque(name, str(kind[1:2])[:60])
+        exec(tree, g)
+    except Harness as e:
+        finish(e.reason, e.detail)
+    except AssertionError as e:
+        finish("assertion", "".join(traceback.format_exception(type(e), e, e.__traceback__.tb_next)))
+    except MemoryError:
+        finish("memory")
+    except BaseException as e:
+        finish("crash", "".join(traceback.format_exception(type(e), e, e.__traceback__.tb_next)))
+    if failures:
+        finish(failures[0].reason, failures[0].detail)
+    finish("ok")
+
+
+_main()
+'''
+
+# Checks a jail from inside: who it runs as, what it sees, what it can write, what it can import.
+_PROBE = _CODEC + r'''
+import socket
+
+
+def _probe():
+    enter_jail(int(os.environ.pop("CR_STATUS_FD")))
+
+    def writable(p):
+        try:
+            with open(p, "a"):  # opening only: nothing is written
+                pass
+            return True
+        except OSError:
+            return False
+
+    missing = []
+    for m in filter(None, sys.argv[1].split(",")):
+        try:
+            __import__(m)
+        except Exception:
+            missing.append(m)
+    print(dumps({"uid": os.getuid(), "ifaces": len(socket.if_nameindex()), "root": sorted(os.listdir("/")),
+                 "writable": [p for p in ("/x", "/sbx/x", "/dev/x", "/proc/sys/kernel/hostname", "/proc/sysrq-trigger",
+                                          os.__file__, "/work/x") if writable(p)],
+                 "missing": missing, "proc": os.path.isdir("/proc/self")}))
+
+
+_probe()
+'''
+
+# The trusted setup of the `unshare` backend: runs as root of the new namespaces, builds the jail's
+# root with mount(2), then drops every privilege and execs the child.
+_JAIL_SETUP = r'''
+import ctypes, json, os, sys
+
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
+ST_TO_MS = {1: 1, 2: 2, 4: 4, 8: 8, 16: 16, 1024: 1024, 2048: 2048, 4096: 1 << 21}
+CLONE_NEWUSER = 0x10000000
+PR_SET_NO_NEW_PRIVS = 38
+libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _b(s):
+    return None if s is None else s.encode()
+
+
+def mount(src, dst, fstype, flags, data=None):
+    if libc.mount(_b(src), _b(dst), _b(fstype), ctypes.c_ulong(flags), _b(data)) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, "mount %s on %s: %s" % (src or fstype, dst, os.strerror(e)))
+
+
+def kept(path):
+    f = os.statvfs(path).f_flag
+    return sum(ms for st, ms in ST_TO_MS.items() if f & st)
+
+
+def bind(src, dst, flags, rec=False):
+    if not os.path.lexists(dst):
+        if os.path.isdir(src):
+            os.makedirs(dst)
+        else:
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            open(dst, "a").close()
+    mount(src, dst, None, MS_BIND | (MS_REC if rec else 0))
+    mount(None, dst, None, MS_BIND | MS_REMOUNT | kept(dst) | flags)
+
+
+def own_userns():
+    uid, gid = os.getuid(), os.getgid()
+    if libc.unshare(CLONE_NEWUSER) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWUSER)")
+    for name, text in (("setgroups", "deny"), ("uid_map", "1000 %d 1" % uid), ("gid_map", "1000 %d 1" % gid)):
+        with open("/proc/self/" + name, "w") as f:
+            f.write(text)
+
+
+def main():
+    os.umask(0o022)
+    with open(sys.argv[1], encoding="utf-8") as f:
+        cfg = json.load(f)
+    new = cfg["root"]
+    ro = MS_RDONLY | MS_NOSUID | MS_NODEV
+    mount(None, "/", None, MS_REC | MS_PRIVATE)
+    mount("tmpfs", new, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
+    for d in cfg["dirs"]:
+        os.makedirs(new + d, exist_ok=True)
+    for p in cfg["ro"]:
+        bind(p, new + p, ro)
+    for m in cfg["masks"]:
+        mount("tmpfs", new + m, "tmpfs", ro | MS_NOEXEC, "mode=0755,size=4k")
+    for link, target in cfg["symlinks"]:
+        os.symlink(target, new + link)
+    bind(cfg["sbx"], new + "/sbx", ro | MS_NOEXEC)
+    os.mkdir(new + "/work")
+    owner = ",uid=%d,gid=%d" % (cfg["uid"], cfg["gid"]) if cfg["uid"] is not None else ""
+    mount("tmpfs", new + "/work", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+          "mode=0700,size=%d,nr_inodes=4096%s" % (cfg["disk"], owner))
+    os.mkdir(new + "/dev")
+    mount("tmpfs", new + "/dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755,size=4k")
+    for n in ("null", "zero", "full", "random", "urandom"):
+        if os.path.exists("/dev/" + n):
+            bind("/dev/" + n, new + "/dev/" + n, MS_NOSUID | MS_NOEXEC)
+    mount(None, new + "/dev", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NOEXEC)
+    os.mkdir(new + "/proc")
+    try:
+        mount("proc", new + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    except OSError:
+        pass  # e.g. a masked /proc on the host: the jail then has no /proc at all
+    else:
+        for sub in ("sys", "sysrq-trigger", "irq", "bus"):
+            if os.path.lexists(new + "/proc/" + sub):
+                bind(new + "/proc/" + sub, new + "/proc/" + sub, ro | MS_NOEXEC, rec=True)
+    mount(None, new, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    fds = [int(x) for x in os.listdir("/proc/self/fd")]
+    if cfg["uid"] is None:
+        own_userns()
+    os.chroot(new)
+    os.chdir("/work")
+    if cfg["uid"] is not None:
+        os.setgroups([])
+        os.setgid(cfg["gid"])
+        os.setuid(cfg["uid"])
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+    keep = set(cfg["keep"]) | {0, 1, 2}
+    for fd in fds:
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    os.execve(cfg["argv"][0], cfg["argv"], dict(os.environ))
+
+
+main()
+'''
+
+# Runs outside any jail (trusted): which files the interpreter maps once it has loaded every
+# extension module of its standard library.
+_HOST_PROBE = r'''
+import json, os, sys, sysconfig
+skip = {"_tkinter", "readline", "_curses", "_curses_panel"}
+mods = []
+for d in sys.path:
+    if os.path.basename(d) == "lib-dynload" and os.path.isdir(d):
+        for f in sorted(os.listdir(d)):
+            name = f.split(".", 1)[0]
+            if f.endswith(".so") and name not in skip and not name.startswith(("_test", "_xx", "xx", "_ctypes_test")):
+                try:
+                    __import__(name)
+                    mods.append(name)
+                except Exception:
+                    pass
+maps = set()
+with open("/proc/self/maps") as f:
+    for line in f:
+        parts = line.split(None, 5)
+        if len(parts) == 6 and parts[5].startswith("/"):
+            maps.add(parts[5].strip())
+print(json.dumps({"path": [p for p in sys.path if p], "maps": sorted(maps), "modules": mods,
+                  "site": sorted({sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}),
+                  "prefix": sys.base_prefix}))
+'''
+
+
+# ----------------------------------------------------------------------------- the jail's layout
+
+@dataclass(frozen=True)
+class _Layout:
+    """What a jail shows of the host, all read-only and at the same paths."""
+
+    exe: str  # the interpreter binary
+    ro: tuple[str, ...]  # files and directories bound read-only
+    masks: tuple[str, ...]  # directories inside `ro` hidden behind an empty tmpfs (site-packages)
+    symlinks: tuple[tuple[str, str], ...]  # (link, target) recreated inside
+    dirs: tuple[str, ...]  # directories created to hold the above
+    modules: tuple[str, ...]  # extension modules the interpreter imports on the host
+
+
+def _base_python() -> str:
+    """The real interpreter binary behind this (possibly virtual-env) Python."""
+    exe = getattr(sys, "_base_executable", "") or sys.executable
+    return os.path.realpath(exe)
+
+
+def _elf_interpreter(path: str) -> str | None:
+    """The program interpreter (dynamic loader) an ELF executable names, if any."""
+    try:
+        data = Path(path).read_bytes()[:1 << 20]
+    except OSError:
+        return None
+    if data[:4] != b"\x7fELF" or len(data) < 64:
+        return None
+    wide, order = data[4] == 2, "<" if data[5] == 1 else ">"
+    phoff = struct.unpack_from(order + ("Q" if wide else "I"), data, 0x20 if wide else 0x1C)[0]
+    phsize, phnum = struct.unpack_from(order + "HH", data, 0x36 if wide else 0x2A)
+    for i in range(phnum):
+        at = phoff + i * phsize
+        if at + phsize > len(data) or struct.unpack_from(order + "I", data, at)[0] != 3:  # PT_INTERP
+            continue
+        off, size = struct.unpack_from(order + "QxxxxxxxxxxxxxxxxQ", data, at + 8) if wide else \
+            struct.unpack_from(order + "IxxxxxxxxI", data, at + 4)
+        return data[off:off + size].rstrip(b"\0").decode(errors="replace") or None
+    return None
+
+
+def _symlink_chain(path: str) -> list[tuple[str, str]]:
+    """Every symlink met while resolving `path`, as (link, target), so a jail can recreate the path."""
+    links: list[tuple[str, str]] = []
+    todo, cur = path.split("/"), "/"
+    while todo:
+        part = todo.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            cur = os.path.dirname(cur)
+            continue
+        nxt = os.path.join(cur, part)
+        if os.path.islink(nxt) and len(links) < 40:
+            target = os.readlink(nxt)
+            links.append((nxt, target))
+            cur = "/" if target.startswith("/") else cur
+            todo = target.split("/") + todo
+        else:
+            cur = nxt
+    return links
+
+
+def _within(p: str, roots: set[str] | tuple[str, ...]) -> bool:
+    return any(p == r or p.startswith(r.rstrip("/") + "/") for r in roots)
+
+
+def _ancestors(p: str) -> list[str]:
+    out, cur = [], os.path.dirname(p)
+    while cur not in ("/", ""):
+        out.append(cur)
+        cur = os.path.dirname(cur)
+    return out[::-1]
+
+
+@lru_cache(maxsize=1)
+def _layout() -> _Layout | str:
+    """The jail layout for this interpreter (from one trusted probe run), or why there is none."""
+    exe = _base_python()
+    try:
+        out = subprocess.run([exe, "-I", "-S", "-c", _HOST_PROBE], capture_output=True, text=True, timeout=60,
+                             stdin=subprocess.DEVNULL, env=_base_env(), cwd="/")
+        info = json.loads(out.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as e:
+        return f"could not inspect the interpreter {exe}: {e}"
+    prefix = os.path.realpath(info["prefix"])
+    wanted = {exe} | {os.path.realpath(p) for p in info["path"] if os.path.exists(p)}
+    for f in info["maps"]:
+        real = os.path.realpath(f)
+        if os.path.isfile(real):
+            wanted.add(real if _within(real, (prefix,)) else os.path.dirname(real))
+    if os.path.isfile("/etc/ld.so.cache"):
+        wanted.add("/etc/ld.so.cache")
+    ro: list[str] = []
+    for p in sorted(wanted, key=len):
+        if not _within(p, tuple(ro)):
+            ro.append(p)
+    masks = tuple(sorted(os.path.realpath(s) for s in info["site"]
+                         if os.path.isdir(s) and _within(os.path.realpath(s), tuple(ro))))
+    links = {e.path: os.readlink(e.path) for e in os.scandir("/") if e.is_symlink()}
+    interp = _elf_interpreter(exe)
+    links.update(_symlink_chain(interp) if interp else [])
+    links = {k: v for k, v in links.items() if not _within(k, tuple(ro))}
+    dirs = sorted({a for p in [*ro, *links] for a in _ancestors(p)} - set(links))
+    return _Layout(exe, tuple(ro), masks, tuple(sorted(links.items())), tuple(dirs), tuple(info["modules"]))
+
+
+def _bwrap_argv(tool: str, layout: _Layout, sbx: str, limits: SandboxLimits, privileged: bool) -> list[str]:
+    """bubblewrap's command line for one jail (the child's own argv follows)."""
+    a = [tool, "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+         "--die-with-parent", "--new-session"]
+    # As root bwrap runs privileged: all capabilities go but the two the child needs to drop to its uid.
+    a += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"] if privileged \
+        else ["--unshare-user", "--disable-userns"]
+    for d in layout.dirs:
+        a += ["--perms", "0755", "--dir", d]
+    for p in layout.ro:
+        a += ["--ro-bind", p, p]
+    for m in layout.masks:
+        a += ["--perms", "0755", "--tmpfs", m, "--remount-ro", m]
+    for link, target in layout.symlinks:
+        a += ["--symlink", target, link]
+    a += ["--ro-bind", sbx, "/sbx", "--perms", "0777" if privileged else "0700", "--size", str(limits.disk_bytes),
+          "--tmpfs", "/work", "--dev", "/dev", "--remount-ro", "/dev", "--proc", "/proc", "--chdir", "/work",
+          "--remount-ro", "/", "--"]
+    return a
+
+
+# ----------------------------------------------------------------------------- host-side helpers
+
+def _base_env() -> dict[str, str]:
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "LANG": os.environ.get("LANG", "C.UTF-8")}
+
 
 @lru_cache(maxsize=1)
 def _unshare_prefix() -> tuple[str, ...]:
-    """The `unshare` command giving a run its own network + PID namespaces; () if none works."""
+    """The `unshare` command giving a weak-mode run its own network + PID namespaces; () if none works."""
     exe = shutil.which("unshare")
     if exe is None:
         return ()
@@ -274,11 +1009,6 @@ def _pids_cgroup_root() -> str | None:
     return None
 
 
-def _base_env() -> dict[str, str]:
-    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "LANG": os.environ.get("LANG", "C.UTF-8")}
-
-
 def _user_tasks(uid: int) -> int:
     """Tasks (processes and threads) owned by `uid`: RLIMIT_NPROC counts them all."""
     n = 0
@@ -294,6 +1024,23 @@ def _user_tasks(uid: int) -> int:
             except OSError:
                 continue
     return n
+
+
+_UID_BASE = 1 << 30
+_uid_lock = threading.Lock()
+_uid_next = [0]
+
+
+def _run_ids(kind: str) -> tuple[int, int] | None:
+    """A fresh unprivileged uid (= gid) for one jailed child when the trainer is root, else None
+    (the child then keeps the trainer's own, non-root, uid inside a user namespace)."""
+    if kind == "weak" or os.geteuid() != 0:
+        return None
+    with _uid_lock:
+        n = _uid_next[0]
+        _uid_next[0] += 1
+    uid = _UID_BASE + (os.getpid() % 8192) * 8192 + n % 8192
+    return uid, uid
 
 
 def _clamped(limits: SandboxLimits, nproc: int) -> list[tuple[int, int, int]]:
@@ -347,15 +1094,17 @@ class _Cgroup:
         except OSError:
             return []
 
+    def kill(self) -> None:
+        for pid in self.pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
     def kill_and_remove(self) -> None:
         deadline = time.monotonic() + 2.0
         while True:
-            pids = self.pids()
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
+            self.kill()
             try:
                 os.rmdir(self.path)
                 return
@@ -392,133 +1141,328 @@ def _rmtree(path: str) -> None:
     shutil.rmtree(path, onerror=onerror)
 
 
-def run_sandboxed(code: str, tests: str,
-                  limits: SandboxLimits = SandboxLimits()) -> SandboxResult:  # noqa: B008
-    """Run `code` then `tests` in an isolated child interpreter; passed only if all tests ran."""
-    start = time.monotonic()
-    root = tempfile.mkdtemp(prefix="crossroute-sbx-")
-    cgroup: _Cgroup | None = None
+# ----------------------------------------------------------------------------- choosing the isolation
+
+@dataclass(frozen=True)
+class _Iso:
+    """How children are started: 'bwrap' or 'unshare' (kernel jails) or 'weak' (no jail)."""
+
+    kind: str
+    tool: str = ""
+    layout: _Layout | None = None
+
+
+_state_lock = threading.Lock()
+_probe_lock = threading.Lock()
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    """One loud warning per process and kind (the sandbox runs thousands of times)."""
+    with _state_lock:
+        if key in _warned:
+            return
+        _warned.add(key)
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+@lru_cache(maxsize=4)
+def _backend(kind: str) -> _Iso | str:
+    """The kernel backend `kind` if it builds a sound jail here (probed once), else why not."""
+    tool = shutil.which(kind)
+    if tool is None:
+        return f"no `{kind}` binary on PATH"
+    layout = _layout()
+    if isinstance(layout, str):
+        return layout
+    iso = _Iso(kind, tool, layout)
+    return _probe(iso)
+
+
+def _probe(iso: _Iso) -> _Iso | str:
+    """Start one jail and check from inside that it is what the docstring promises."""
+    assert iso.layout is not None
+    limits = SandboxLimits(wall_seconds=20.0, cpu_seconds=10)
+    with _Run(iso, limits, time.monotonic()) as run:
+        child = run.spawn("probe", {"probe.py": _PROBE}, "probe.py", [",".join(iso.layout.modules)], {})
+        run.pump(child, {child.out: (64 * 1024, False), child.err: (64 * 1024, False),
+                         child.status: (64 * 1024, False)})
+        rc = child.proc.returncode
+        out, err = run.text(child.out), run.text(child.err) + run.text(child.status)
     try:
-        work = os.path.join(root, "work")
-        os.mkdir(work)
-        Path(root, "runner.py").write_text(_RUNNER, encoding="utf-8")
-        Path(root, "code.py").write_text(code, encoding="utf-8", errors="surrogatepass")
-        Path(root, "tests.py").write_text(tests, encoding="utf-8", errors="surrogatepass")
-        prefix = _unshare_prefix() if limits.namespaces else ()
+        info = json.loads(out.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return f"the {iso.kind} jail did not start (exit status {rc}): {err.strip()[-300:]}"
+    expected_top = {p.split("/")[1] for p in [*iso.layout.ro, *dict(iso.layout.symlinks)]}
+    expected_top |= {"dev", "proc", "sbx", "work"}
+    problems = []
+    if info.get("uid") == 0:
+        problems.append("it runs as root")
+    if info.get("ifaces") != 1:
+        problems.append("it has a network interface besides lo")
+    if info.get("writable") != ["/work/x"]:
+        problems.append(f"it can write {info.get('writable')}")
+    if not set(info.get("root", [])) <= expected_top:
+        problems.append(f"it sees {sorted(set(info.get('root', [])) - expected_top)} at /")
+    if problems:
+        return f"the {iso.kind} jail is not sound here: {'; '.join(problems)}"
+    missing = info.get("missing") or []
+    if missing:
+        _warn_once(f"missing-{iso.kind}", f"crossroute sandbox ({iso.kind}): these standard-library modules do not "
+                   f"import inside the jail: {', '.join(missing)}.")
+    return iso
+
+
+def _allow_unisolated(limits: SandboxLimits) -> bool:
+    return limits.allow_unisolated or os.environ.get(ALLOW_UNISOLATED_ENV, "") not in ("", "0")
+
+
+def _select(limits: SandboxLimits) -> _Iso | str:
+    """The isolation a run gets, or the message of a refusal (no kernel jail and no opt-in)."""
+    if limits.isolation not in ISOLATIONS:
+        raise CrossrouteError(f"SandboxLimits.isolation must be one of {', '.join(ISOLATIONS)}, got "
+                              f"{limits.isolation!r}; use 'auto' unless testing a backend.")
+    kinds = () if not limits.namespaces else ("bwrap", "unshare") if limits.isolation == "auto" \
+        else (limits.isolation,)
+    problems = []
+    for kind in kinds:
+        with _probe_lock:
+            found = _backend(kind)
+        if isinstance(found, _Iso):
+            return found
+        problems.append(f"{kind}: {found}")
+    why = "; ".join(problems) or "SandboxLimits(namespaces=False)"
+    if _allow_unisolated(limits):
+        _warn_once("weak", f"crossroute sandbox: running model-generated code WITHOUT kernel isolation ({why}), as "
+                   f"allowed by {ALLOW_UNISOLATED_ENV} / allow_unisolated; a hostile program can read the trainer's "
+                   "files and forge the test process. Install bubblewrap to isolate it.")
+        return _Iso("weak")
+    message = (f"no kernel isolation for model-generated code here ({why}); install bubblewrap "
+               f"(apt-get install bubblewrap) or allow unprivileged user namespaces, or set "
+               f"{ALLOW_UNISOLATED_ENV}=1 to run it with the weaker in-process guards.")
+    _warn_once("refused", f"crossroute sandbox refuses to run code: {message}")
+    return message
+
+
+def sandbox_info() -> dict[str, Any]:
+    """Which layers apply on this machine (for logs, tests and the README)."""
+    found = {kind: _backend(kind) for kind in ("bwrap", "unshare")}
+    iso = next((v for v in found.values() if isinstance(v, _Iso)), None)
+    prefix = _unshare_prefix() if iso is None else ()
+    return {
+        "isolation": iso.kind if iso else None,  # the backend `auto` uses; None: refused unless opted in
+        "backends": {k: "ok" if isinstance(v, _Iso) else v for k, v in found.items()},
+        "namespaces": iso is not None or bool(prefix),  # network + PID namespaces
+        "user_namespace": iso is not None and os.geteuid() != 0 or "--user" in prefix,
+        "per_run_uid": iso is not None and os.geteuid() == 0,
+        "pids_cgroup": _pids_cgroup_root() is not None,
+        "nproc_rlimit_enforced": os.geteuid() != 0 or iso is not None,
+        "network_guard": "namespace+audit-hook" if iso or prefix else "audit-hook (best-effort)",
+    }
+
+
+# ----------------------------------------------------------------------------- running children
+
+@dataclass
+class _Child:
+    """One started child: its process, and the read ends of its stdout, stderr and status pipes."""
+
+    proc: subprocess.Popen[bytes]
+    out: int
+    err: int
+    status: int
+    cgroup: _Cgroup | None
+
+    def close(self) -> None:
+        """Close the parent's ends of the child's pipes."""
+        for f in (self.proc.stdout, self.proc.stderr):
+            if f is not None:
+                f.close()
+        os.close(self.status)
+
+
+class _Run:
+    """One sandbox run: a temp dir, the children started in it, their output; cleans up on exit."""
+
+    def __init__(self, iso: _Iso, limits: SandboxLimits, start: float) -> None:
+        self.iso, self.limits, self.start = iso, limits, start
+        self.deadline = start + limits.wall_seconds
+        self.children: list[_Child] = []
+        self.bufs: dict[int, bytearray] = {}
+        self.over = self.timed_out = False
+        self.root = ""
+
+    def __enter__(self) -> _Run:
+        self.root = tempfile.mkdtemp(prefix="crossroute-sbx-")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for c in self.children:
+            if c.proc.returncode is None:  # never killpg a reaped pid: it may belong to someone else now
+                _kill_group(c.proc.pid)
+            if c.cgroup is not None:
+                c.cgroup.kill_and_remove()
+            if c.proc.returncode is None:
+                try:
+                    c.proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    pass
+            c.close()
+        _rmtree(self.root)
+
+    def spawn(self, role: str, files: dict[str, str], script: str, args: list[str],
+              fds: dict[str, int], env_extra: dict[str, str] | None = None) -> _Child:
+        """Start one child running /sbx/`script` `args` (inside the jail), passing `fds` by env name."""
+        home = os.path.join(self.root, role)
+        sbx = os.path.join(home, "sbx")
+        os.makedirs(sbx)
+        os.chmod(sbx, 0o755)
+        for name, text in files.items():
+            Path(sbx, name).write_text(text, encoding="utf-8", errors="surrogatepass")
+            os.chmod(os.path.join(sbx, name), 0o644)
+        status_r, status_w = os.pipe()
+        env = {**_base_env(), **(env_extra or {}), "CR_STATUS_FD": str(status_w),
+               **{k: str(v) for k, v in fds.items()}}
+        keep = [status_w, *fds.values()]
+        ids = _run_ids(self.iso.kind)
+        try:
+            cmd, cwd = self._command(home, sbx, script, args, ids, keep, env)
+        except BaseException:
+            os.close(status_r)
+            os.close(status_w)
+            raise
+        cgroup = None
         cg_root = _pids_cgroup_root()
         if cg_root is not None:
             try:
-                cgroup = _Cgroup(cg_root, limits.processes + 3)
+                cgroup = _Cgroup(cg_root, self.limits.processes + 5)
             except OSError:
                 cgroup = None
-        nproc = limits.processes + 3 + (0 if os.geteuid() == 0 else _user_tasks(os.getuid()))
-        status_r, status_w = os.pipe()
-        nonce = secrets.token_hex(16)
-        env = {**_base_env(), "TMPDIR": work, "CR_STATUS_FD": str(status_w), "CR_NONCE": nonce,
-               "CR_ALLOW_SUB": "1" if limits.allow_subprocesses else "0"}
-        cmd = [*prefix, sys.executable, "-I", "-S", os.path.join(root, "runner.py"),
-               os.path.join(root, "code.py"), os.path.join(root, "tests.py")]
+        nproc = self.limits.processes + 5 + (0 if ids or os.geteuid() == 0 else _user_tasks(os.getuid()))
         try:
-            preexec = _preexec(limits, nproc, cgroup.procs if cgroup else None)
-            proc = subprocess.Popen(cmd, cwd=work, env=env, stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    pass_fds=(status_w,), start_new_session=True,
-                                    preexec_fn=preexec)
-        except (OSError, subprocess.SubprocessError) as e:
+            proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, pass_fds=tuple(keep), start_new_session=True,
+                                    preexec_fn=_preexec(self.limits, nproc, cgroup.procs if cgroup else None))
+        except BaseException:
             os.close(status_r)
+            if cgroup is not None:
+                cgroup.kill_and_remove()
+            raise
+        finally:
             os.close(status_w)
-            return SandboxResult(False, "crash", None, time.monotonic() - start, "", "",
-                                 f"could not start the sandbox: {e}")
-        os.close(status_w)
-        return _supervise(proc, status_r, nonce, limits, start, cgroup)
-    finally:
-        if cgroup is not None:
-            cgroup.kill_and_remove()
-        _rmtree(root)
+        assert proc.stdout is not None and proc.stderr is not None
+        child = _Child(proc, proc.stdout.fileno(), proc.stderr.fileno(), status_r, cgroup)
+        self.children.append(child)
+        return child
 
+    def _command(self, home: str, sbx: str, script: str, args: list[str], ids: tuple[int, int] | None,
+                 keep: list[int], env: dict[str, str]) -> tuple[list[str], str]:
+        """The command line starting `script` under this run's isolation, and its host cwd."""
+        if self.iso.kind == "weak":
+            work = os.path.join(home, "work")
+            os.mkdir(work)
+            env["TMPDIR"] = work
+            host_args = [a.replace("/sbx/", sbx + "/") for a in args]
+            return [*_unshare_prefix(), _base_python(), "-I", "-S", os.path.join(sbx, script), *host_args], work
+        layout = self.iso.layout
+        assert layout is not None
+        env.update(TMPDIR="/work", CR_ISOLATED="1")
+        inner = [layout.exe, "-I", "-S", "/sbx/" + script, *args]
+        if self.iso.kind == "bwrap":
+            privileged = os.geteuid() == 0
+            if ids is not None:
+                env["CR_DROP_UID"] = str(ids[0])
+            return [*_bwrap_argv(self.iso.tool, layout, sbx, self.limits, privileged), *inner], home
+        cfg = {"root": os.path.join(home, "root"), "dirs": layout.dirs, "ro": layout.ro, "masks": layout.masks,
+               "symlinks": layout.symlinks, "sbx": sbx, "disk": self.limits.disk_bytes, "keep": keep,
+               "uid": ids[0] if ids else None, "gid": ids[1] if ids else None, "argv": inner}
+        os.mkdir(cfg["root"])
+        Path(home, "jail.json").write_text(json.dumps(cfg), encoding="utf-8")
+        Path(home, "jail.py").write_text(_JAIL_SETUP, encoding="utf-8")
+        userns = ["--user", "--map-root-user"] if ids is None else []
+        return [self.iso.tool, *userns, "--mount", "--pid", "--fork", "--kill-child", "--net", "--ipc", "--uts",
+                "--", layout.exe, "-I", "-S", os.path.join(home, "jail.py"), os.path.join(home, "jail.json")], home
 
-def _supervise(proc: subprocess.Popen[bytes], status_r: int, nonce: str, limits: SandboxLimits,
-               start: float, cgroup: _Cgroup | None) -> SandboxResult:
-    assert proc.stdout is not None and proc.stderr is not None
-    out_fd, err_fd = proc.stdout.fileno(), proc.stderr.fileno()
-    bufs = {out_fd: bytearray(), err_fd: bytearray(), status_r: bytearray()}
-    caps = {out_fd: limits.output_bytes, err_fd: limits.output_bytes, status_r: 64 * 1024}
-    sel = selectors.DefaultSelector()
-    for fd in bufs:
-        sel.register(fd, selectors.EVENT_READ)
-    deadline = start + limits.wall_seconds
-    timed_out = over = False
-    exit_seen: float | None = None
-    try:
-        while sel.get_map():
-            now = time.monotonic()
-            if now >= deadline:
-                timed_out = True
-                break
-            if exit_seen is None and _exited(proc.pid):
-                exit_seen = now
-                _kill_group(proc.pid)  # stragglers that still hold the pipes
-            elif exit_seen is not None and now - exit_seen > 0.5:
-                break
-            for key, _ in sel.select(timeout=min(0.05, deadline - now)):
-                fd = key.fd
-                chunk = os.read(fd, 65536)
-                if not chunk:
-                    sel.unregister(fd)
-                    continue
-                room = caps[fd] - len(bufs[fd])
-                bufs[fd] += chunk[:max(room, 0)]
-                if len(chunk) > room and fd != status_r:
-                    over = True
-            if over:
-                break
-    finally:
-        _kill_group(proc.pid)
-        if cgroup is not None:
-            for pid in cgroup.pids():
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
-        sel.close()
+    def pump(self, primary: _Child, streams: dict[int, tuple[int, bool]]) -> None:
+        """Collect `streams` (fd: (cap, over-cap fails the run)) until `primary` has exited and its
+        pipes drained, the wall clock runs out, or a strict stream overflows; then kill everything."""
+        for fd in streams:
+            self.bufs.setdefault(fd, bytearray())
+        sel = selectors.DefaultSelector()
+        for fd in streams:
+            sel.register(fd, selectors.EVENT_READ)
+        exit_seen: float | None = None
         try:
-            rc: int | None = proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            rc = None
-        proc.stdout.close()
-        proc.stderr.close()
-        os.close(status_r)
-    wall = time.monotonic() - start
-    status = bufs[status_r].decode("utf-8", "replace")
-    reason, detail = _classify(status, nonce, rc, timed_out, over)
-    stdout = bytes(bufs[out_fd]).decode("utf-8", "replace")
-    stderr = bytes(bufs[err_fd]).decode("utf-8", "replace")
-    return SandboxResult(reason == "ok", reason, rc, wall, stdout, stderr, detail)
+            while sel.get_map():
+                now = time.monotonic()
+                if now >= self.deadline:
+                    self.timed_out = exit_seen is None
+                    break
+                if exit_seen is None and _exited(primary.proc.pid):
+                    exit_seen = now
+                    for c in self.children:
+                        _kill_group(c.proc.pid)  # stragglers that still hold the pipes
+                elif exit_seen is not None and now - exit_seen > 0.5:
+                    break
+                for key, _ in sel.select(timeout=min(0.05, self.deadline - now)):
+                    chunk = os.read(key.fd, 65536)
+                    if not chunk:
+                        sel.unregister(key.fd)
+                        continue
+                    cap, strict = streams[key.fd]
+                    buf = self.bufs[key.fd]
+                    room = cap - len(buf)
+                    buf += chunk[:max(room, 0)]
+                    if len(chunk) > room and strict:
+                        self.over = True
+                if self.over:
+                    break
+        finally:
+            sel.close()
+            for c in self.children:
+                _kill_group(c.proc.pid)
+                if c.cgroup is not None:
+                    c.cgroup.kill()
+            for c in self.children:
+                try:
+                    c.proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    pass
+
+    def text(self, fd: int) -> str:
+        return bytes(self.bufs.get(fd, b"")).decode("utf-8", "replace")
+
+    def result(self, child: _Child, reason: str, detail: str = "", verdict: str = "") -> SandboxResult:
+        """The SandboxResult of a run whose solution process is `child`."""
+        return SandboxResult(reason == "ok", reason, child.proc.returncode, time.monotonic() - self.start,
+                             self.text(child.out), self.text(child.err), detail, verdict, self.iso.kind)
 
 
-def _classify(status: str, nonce: str, rc: int | None, timed_out: bool,
-              over: bool) -> tuple[str, str]:
-    escape = result = None
+def _solution_failure(status: str, rc: int | None, run: _Run) -> tuple[str, str] | None:
+    """Why the solution's run failed on its own (escape, output cap, CPU, wall clock, an error while
+    loading), from what it and the kernel said; None if nothing did. These only ever lower the reward."""
+    escape = error = None
     for line in status.splitlines():
         kind, _, rest = line.partition(" ")
         if kind == "escape" and escape is None:
             escape = rest
-        elif kind == "result" and result is None:
-            got, _, reason = rest.partition(" ")
-            if got == nonce and reason in REASONS:
-                result = reason
+        elif kind == "error" and error is None:
+            error = rest.partition(" ")[0]
     if escape is not None:
         return "escape_attempt", escape
-    if over:
-        return "output_limit", "stdout/stderr over the cap"
-    if result == "cpu_limit":
+    if run.over:
+        return "output_limit", "stdout/stderr or the returned values over the cap"
+    if error == "cpu_limit":
         return "cpu_limit", ""
-    if timed_out:
+    if run.timed_out:
         return "timeout", ""
-    if result is not None:
-        if result == "ok" and rc != 0:
-            return "crash", f"exit status {rc} after the tests"
-        return result, ""
+    if error is not None:
+        return (error if error in REASONS and error != "ok" else "crash"), "the solution failed before the tests ran"
+    return None
+
+
+def _exit_reason(rc: int | None) -> tuple[str, str]:
+    """Why a process that stopped answering ended, from its exit status."""
     sig = -rc if rc is not None and rc < 0 else (rc - 128 if rc is not None and rc > 128 else 0)
     if sig in (signal.SIGXCPU, signal.SIGKILL):
         return "cpu_limit", f"killed by signal {sig}"
@@ -527,61 +1471,428 @@ def _classify(status: str, nonce: str, rc: int | None, timed_out: bool,
     return "crash", f"exit status {rc} without a result"
 
 
-def sandbox_info() -> dict[str, Any]:
-    """Which layers apply on this machine (for logs, tests and SAFETY.md)."""
-    prefix = _unshare_prefix()
-    return {
-        "namespaces": bool(prefix),  # network + PID namespaces via unshare
-        "user_namespace": "--user" in prefix,
-        "pids_cgroup": _pids_cgroup_root() is not None,
-        "nproc_rlimit_enforced": os.geteuid() != 0,
-        "network_guard": "namespace+audit-hook" if prefix else "audit-hook (best-effort)",
-    }
+# ----------------------------------------------------------------------------- the values form
+
+class _NotValues(Exception):
+    """The tests are outside the subset the trainer checks itself (the tester form takes them)."""
 
 
+class _Verdict(Exception):
+    """A decided failure while checking values: (reason, detail)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
 
 
+_BIG = 1_000_000  # bits of an int / items of a sequence the trainer computes at most
 
 
+def _sized(n: int) -> int:
+    if n > _BIG:
+        raise _Verdict("crash", "the test's arithmetic on the returned values is too large to check")
+    return n
 
 
+def _safe_mult(a: Any, b: Any) -> Any:
+    seq = (str, bytes, list, tuple)
+    if isinstance(a, seq) and type(b) is int:
+        _sized(len(a) * max(b, 0))
+    elif isinstance(b, seq) and type(a) is int:
+        _sized(len(b) * max(a, 0))
+    elif type(a) is int and type(b) is int:
+        _sized(a.bit_length() + b.bit_length())
+    return a * b
 
 
+def _safe_pow(a: Any, b: Any) -> Any:
+    if type(a) is int and type(b) is int and b > 0:
+        _sized(max(a.bit_length(), 1) * b)
+    return a ** b
 
 
+def _safe_lshift(a: Any, b: Any) -> Any:
+    if type(a) is int and type(b) is int:
+        _sized(a.bit_length() + max(b, 0))
+    return a << b
 
 
+def _safe_mod(a: Any, b: Any) -> Any:
+    if isinstance(a, (str, bytes)):
+        raise _Verdict("crash", "the test formats a returned value with %, which the trainer does not check")
+    return a % b
 
 
+def _safe_round(x: Any, ndigits: Any = None) -> Any:
+    if ndigits is not None and (type(ndigits) is not int or abs(ndigits) > 400):
+        raise _Verdict("crash", "round() with more than 400 digits is not checked")
+    return round(x, ndigits)
 
 
-# ----------------------------------------------------------------------------- running
+_BINOPS: dict[type, Callable[[Any, Any], Any]] = {
+    ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: _safe_mult,
+    ast.Div: lambda a, b: a / b, ast.FloorDiv: lambda a, b: a // b, ast.Mod: _safe_mod, ast.Pow: _safe_pow,
+    ast.LShift: _safe_lshift, ast.RShift: lambda a, b: a >> b, ast.BitOr: lambda a, b: a | b,
+    ast.BitXor: lambda a, b: a ^ b, ast.BitAnd: lambda a, b: a & b}
+_UNARY: dict[type, Callable[[Any], Any]] = {
+    ast.UAdd: lambda a: +a, ast.USub: lambda a: -a, ast.Not: lambda a: not a, ast.Invert: lambda a: ~a}
+_COMPARE: dict[type, Callable[[Any, Any], bool]] = {
+    ast.Eq: lambda a, b: a == b, ast.NotEq: lambda a, b: a != b, ast.Lt: lambda a, b: a < b,
+    ast.LtE: lambda a, b: a <= b, ast.Gt: lambda a, b: a > b, ast.GtE: lambda a, b: a >= b,
+    ast.In: lambda a, b: a in b, ast.NotIn: lambda a, b: a not in b, ast.Is: lambda a, b: a is b,
+    ast.IsNot: lambda a, b: a is not b}
+# Pure builtins the trainer applies to returned values (bounded cost on bounded data).
+_PURE: dict[str, Any] = {n: getattr(builtins, n) for n in (
+    "abs", "all", "any", "bool", "chr", "dict", "divmod", "float", "frozenset", "int", "isinstance", "len",
+    "list", "max", "min", "ord", "repr", "reversed", "set", "sorted", "str", "sum", "tuple", "type")}
+_PURE["round"] = _safe_round
+_MATH: dict[str, Any] = {n: getattr(math, n) for n in (
+    "isclose", "isnan", "isinf", "isfinite", "fabs", "floor", "ceil", "sqrt", "trunc", "copysign", "gcd", "log",
+    "log2", "log10", "exp", "sin", "cos", "tan", "atan2", "hypot", "pi", "e", "inf", "nan", "tau")}
 
 
+class _MathModule:
+    """`math` as the tests see it in the trainer: only the names of _MATH."""
 
 
+_MATH_MODULE = _MathModule()
+_SINGLETONS = (None, True, False)
 
 
+@dataclass
+class _Values:
+    """Tests the trainer checks itself: the asserts, their calls into the solution, and the names bound."""
 
-# ----------------------------------------------------------------------------- rewards
-
-
-
-
-
-
-
-
+    steps: list[tuple[ast.expr, dict[str, str], str]]  # (assert test, renames, source)
+    calls: list[dict[str, Any]]  # requests for the solution, in evaluation order
+    holes: dict[int, int]  # id(ast node) -> index into calls
+    env: dict[str, Any]  # names the tests bind (constants, math)
 
 
+class _Planner:
+    """Builds a _Values plan from the tests' AST, or raises _NotValues."""
+
+    def __init__(self) -> None:
+        self.plan = _Values([], [], {}, {})
+        self.renames: dict[str, str] = {}
+
+    def name(self, n: str) -> tuple[str, Any]:
+        """('env'|'pure'|'solution', value or name) for a name read by the tests."""
+        n = self.renames.get(n, n)
+        if n in self.plan.env:
+            return "env", self.plan.env[n]
+        if n in _PURE:
+            return "pure", _PURE[n]
+        if n == "math":
+            return "env", _MATH_MODULE
+        if hasattr(builtins, n):
+            raise _NotValues(f"builtin {n}")
+        return "solution", n
+
+    def scan(self, node: ast.AST) -> None:
+        """Check `node` is in the subset; register each call into the solution (in evaluation order)."""
+        if isinstance(node, ast.Constant):
+            return
+        if isinstance(node, ast.Name):
+            kind, v = self.name(node.id)
+            if kind == "solution":
+                self.register(node, {"get": v})
+            return
+        if isinstance(node, ast.Call):
+            self.scan_call(node)
+            return
+        if isinstance(node, ast.Attribute):
+            self.math_attr(node)
+            return
+        if isinstance(node, ast.Compare):
+            for op, right in zip(node.ops, node.comparators, strict=True):
+                if isinstance(op, (ast.Is, ast.IsNot)) and not any(
+                        isinstance(x, ast.Constant) and x.value in _SINGLETONS and type(x.value) in (bool, type(None))
+                        for x in (node.left, right)):
+                    raise _NotValues("`is` with a value other than None/True/False")
+        elif isinstance(node, ast.BinOp) and type(node.op) not in _BINOPS:
+            raise _NotValues("operator")
+        elif isinstance(node, ast.Dict) and any(k is None for k in node.keys):
+            raise _NotValues("** in a dict")
+        elif isinstance(node, (ast.Tuple, ast.List, ast.Set)) and any(isinstance(e, ast.Starred) for e in node.elts):
+            raise _NotValues("starred")
+        elif not isinstance(node, (ast.Compare, ast.BinOp, ast.UnaryOp, ast.BoolOp, ast.IfExp, ast.Subscript,
+                                   ast.Slice, ast.Tuple, ast.List, ast.Set, ast.Dict)):
+            raise _NotValues(type(node).__name__)
+        for child in ast.iter_child_nodes(node):
+            if not isinstance(child, (ast.expr_context, ast.cmpop, ast.operator, ast.unaryop, ast.boolop)):
+                self.scan(child)
+
+    def math_attr(self, node: ast.Attribute) -> Any:
+        if not (isinstance(node.value, ast.Name) and self.name(node.value.id) == ("env", _MATH_MODULE)
+                and node.attr in _MATH):
+            raise _NotValues("attribute")
+        return _MATH[node.attr]
+
+    def scan_call(self, node: ast.Call) -> None:
+        if any(isinstance(a, ast.Starred) for a in node.args) or any(k.arg is None for k in node.keywords):
+            raise _NotValues("starred call")
+        if isinstance(node.func, ast.Attribute):
+            self.math_attr(node.func)
+        elif not isinstance(node.func, ast.Name):
+            raise _NotValues("call of an expression")
+        else:
+            kind, v = self.name(node.func.id)
+            if kind == "solution":
+                args = [self.constant(a) for a in node.args]
+                kwargs = {k.arg: self.constant(k.value) for k in node.keywords if k.arg is not None}
+                self.register(node, {"call": v, "args": args, "kwargs": kwargs})
+                return
+            if v is sum and len(node.args) + len(node.keywords) > 1:
+                raise _NotValues("sum() with a start")
+        for a in [*node.args, *(k.value for k in node.keywords)]:
+            self.scan(a)
+
+    def constant(self, node: ast.expr) -> Any:
+        """A call argument the trainer computes itself, encoded for the solution."""
+        try:
+            return _to_plain(_evaluate(node, self.plan, self.renames, None))
+        except (_NotValues, _Verdict, _NotPlain):
+            raise
+        except Exception as e:
+            raise _NotValues(f"argument raised {type(e).__name__}") from None
+
+    def register(self, node: ast.AST, request: dict[str, Any]) -> None:
+        self.plan.holes[id(node)] = len(self.plan.calls)
+        self.plan.calls.append(request)
+
+    def statement(self, stmt: ast.stmt, checks: dict[str, ast.FunctionDef]) -> None:
+        """Add one top-level statement of the tests to the plan."""
+        if isinstance(stmt, ast.Pass) or (isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant)):
+            return
+        if isinstance(stmt, ast.Import) and all(a.name == "math" for a in stmt.names):
+            self.plan.env.update({a.asname or "math": _MATH_MODULE for a in stmt.names})
+        elif isinstance(stmt, ast.ImportFrom) and stmt.module == "math" and not stmt.level \
+                and all(a.name in _MATH for a in stmt.names):
+            self.plan.env.update({a.asname or a.name: _MATH[a.name] for a in stmt.names})
+        elif isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name):
+            before = len(self.plan.calls)
+            self.scan(stmt.value)
+            if len(self.plan.calls) != before:
+                raise _NotValues("an assignment from the solution")
+            self.plan.env[stmt.targets[0].id] = _evaluate(stmt.value, self.plan, self.renames, None)
+        elif isinstance(stmt, ast.Assert):
+            self.scan(stmt.test)
+            self.plan.steps.append((stmt.test, dict(self.renames), ast.unparse(stmt)))
+        elif isinstance(stmt, ast.FunctionDef) and _is_check(stmt):
+            checks[stmt.name] = stmt
+        elif isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Call) \
+                and isinstance(stmt.value.func, ast.Name) and stmt.value.func.id in checks \
+                and len(stmt.value.args) == 1 and not stmt.value.keywords \
+                and isinstance(stmt.value.args[0], ast.Name):
+            fn = checks[stmt.value.func.id]
+            self.renames = {fn.args.args[0].arg: self.renames.get(stmt.value.args[0].id, stmt.value.args[0].id)}
+            for inner in fn.body:
+                self.statement(inner, {})
+            self.renames = {}
+        else:
+            raise _NotValues(type(stmt).__name__)
 
 
+def _is_check(fn: ast.FunctionDef) -> bool:
+    """A HumanEval-style `def check(candidate):` whose body the values form can take."""
+    a = fn.args
+    simple = len(a.args) == 1 and not (a.posonlyargs or a.kwonlyargs or a.vararg or a.kwarg or a.defaults)
+    body_ok = all(isinstance(s, (ast.Assert, ast.Pass))
+                  or (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))
+                  or (isinstance(s, ast.Import) and all(x.name == "math" for x in s.names)) for s in fn.body)
+    return simple and not fn.decorator_list and fn.returns is None and body_ok
 
-# ----------------------------------------------------------------------------- the code domain
+
+def _plan_values(tree: ast.Module) -> _Values | None:
+    """The values-form plan of the tests, or None when they need the tester form."""
+    planner = _Planner()
+    checks: dict[str, ast.FunctionDef] = {}
+    try:
+        for stmt in tree.body:
+            planner.statement(stmt, checks)
+        _to_plain(planner.plan.calls)  # every argument must travel as plain data
+    except Exception:  # outside the subset, or a constant the tests compute raised: the tester decides
+        return None
+    return planner.plan
 
 
+def _evaluate(node: ast.AST, plan: _Values, renames: dict[str, str], values: list[Any] | None) -> Any:
+    """Evaluate a planned expression in the trainer; `values[i]` answers call i (None: none yet)."""
+
+    def ev(n: ast.AST) -> Any:
+        if id(n) in plan.holes:
+            if values is None:
+                raise _NotValues("needs the solution")
+            got = values[plan.holes[id(n)]]
+            if isinstance(got, _Verdict):
+                raise got
+            return got
+        if isinstance(n, ast.Constant):
+            return n.value
+        if isinstance(n, ast.Name):
+            name = renames.get(n.id, n.id)
+            if name in plan.env:
+                return plan.env[name]
+            if name in _PURE:
+                return _PURE[name]
+            if name == "math":
+                return _MATH_MODULE
+            raise _NotValues(f"name {name}")
+        if isinstance(n, ast.Attribute):
+            if ev(n.value) is _MATH_MODULE and n.attr in _MATH:
+                return _MATH[n.attr]
+            raise _NotValues("attribute")
+        if isinstance(n, ast.Call):
+            fn = ev(n.func)
+            return fn(*[ev(a) for a in n.args], **{k.arg: ev(k.value) for k in n.keywords if k.arg})
+        if isinstance(n, ast.BinOp):
+            return _BINOPS[type(n.op)](ev(n.left), ev(n.right))
+        if isinstance(n, ast.UnaryOp):
+            return _UNARY[type(n.op)](ev(n.operand))
+        if isinstance(n, ast.BoolOp):
+            result: Any = None
+            for v in n.values:
+                result = ev(v)
+                if bool(result) != isinstance(n.op, ast.And):
+                    return result
+            return result
+        if isinstance(n, ast.Compare):
+            left = ev(n.left)
+            for op, right_node in zip(n.ops, n.comparators, strict=True):
+                right = ev(right_node)
+                if not _COMPARE[type(op)](left, right):
+                    return False
+                left = right
+            return True
+        if isinstance(n, ast.IfExp):
+            return ev(n.body) if ev(n.test) else ev(n.orelse)
+        if isinstance(n, ast.Subscript):
+            return ev(n.value)[ev(n.slice)]
+        if isinstance(n, ast.Slice):
+            return slice(*(None if x is None else ev(x) for x in (n.lower, n.upper, n.step)))
+        if isinstance(n, ast.Tuple):
+            return tuple(ev(e) for e in n.elts)
+        if isinstance(n, ast.List):
+            return [ev(e) for e in n.elts]
+        if isinstance(n, ast.Set):
+            return {ev(e) for e in n.elts}
+        if isinstance(n, ast.Dict):
+            return {ev(k): ev(v) for k, v in zip(n.keys, n.values, strict=True) if k is not None}
+        raise _NotValues(type(n).__name__)
+
+    return ev(node)
 
 
+def _decode_reply(line: str, call: dict[str, Any]) -> Any:
+    """One answer of the solution as a value, or a _Verdict for a failed or non-plain one."""
+    what = f"{call.get('call') or call.get('get')}{'()' if 'call' in call else ''}"
+    try:
+        msg = _loads(line, _REPLY_CAP)
+        if type(msg) is not dict:
+            raise _NotPlain("not a reply")
+        if "ok" in msg:
+            return _from_plain(msg["ok"])
+        if "raised" in msg:
+            name = str(msg["raised"])[:100]
+            return _Verdict("memory" if name == "MemoryError" else "crash",
+                            f"{what} raised {name}: {str(msg.get('msg', ''))[:300]}")
+        return _Verdict("not_plain_data", f"{what} returned {str(msg.get('bad', 'a malformed reply'))[:200]}")
+    except (_NotPlain, RecursionError) as e:
+        return _Verdict("not_plain_data", f"{what} returned {e}")
 
 
+def _judge_values(plan: _Values, lines: list[str]) -> tuple[str, str]:
+    """(reason, detail) of the asserts, evaluated in the trainer over the solution's answers."""
+    values = [_decode_reply(line, call) for line, call in zip(lines, plan.calls, strict=True)]
+    for test, renames, source in plan.steps:
+        try:
+            ok = bool(_evaluate(test, plan, renames, values))
+        except _Verdict as v:
+            return v.reason, v.detail
+        except (_NotValues, RecursionError, MemoryError) as e:
+            return "crash", f"{source}: could not be checked ({type(e).__name__})"
+        except Exception as e:
+            return "crash", f"{source}: the test raised {type(e).__name__}: {str(e)[:200]}"
+        if not ok:
+            return "assertion", f"failed: {source}"[:500]
+    return "ok", ""
 
+
+# ----------------------------------------------------------------------------- running a program
+
+def run_sandboxed(code: str, tests: str,
+                  limits: SandboxLimits = SandboxLimits()) -> SandboxResult:  # noqa: B008
+    """Run `code` in the sandbox and judge it by `tests` outside it; passed only if every test held."""
+    start = time.monotonic()
+    iso = _select(limits)
+    if isinstance(iso, str):
+        return SandboxResult(False, "no_isolation", None, 0.0, "", "", iso)
+    try:
+        tree = ast.parse(tests, "<tests>")
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
+        return SandboxResult(False, "syntax_error", None, time.monotonic() - start, "", "",
+                             f"the tests are not valid Python: {e}", isolation=iso.kind)
+    plan = _plan_values(tree)
+    with _Run(iso, limits, start) as run:
+        return _run_values(run, code, plan) if plan is not None else _run_tester(run, code, tests)
+
+
+def _solution_streams(run: _Run, child: _Child) -> dict[int, tuple[int, bool]]:
+    cap = run.limits.output_bytes
+    return {child.out: (cap, True), child.err: (cap, True), child.status: (64 * 1024, False)}
+
+
+def _run_values(run: _Run, code: str, plan: _Values) -> SandboxResult:
+    """The values form: one jailed child answers the planned calls; the trainer checks the asserts."""
+    resp_r, resp_w = os.pipe()
+    try:
+        child = run.spawn("solution", {"runner.py": _RUNNER, "code.py": code, "calls.json": _dumps(plan.calls)},
+                          "runner.py", ["/sbx/code.py", "/sbx/calls.json"], {"CR_RESP_FD": resp_w},
+                          {"CR_ALLOW_SUB": str(int(run.limits.allow_subprocesses))})
+    finally:
+        os.close(resp_w)
+    try:
+        run.pump(child, {**_solution_streams(run, child), resp_r: (_REPLY_CAP, True)})
+    finally:
+        os.close(resp_r)
+    rc = child.proc.returncode
+    failed = _solution_failure(run.text(child.status), rc, run)
+    if failed is not None:
+        return run.result(child, *failed)
+    lines = bytes(run.bufs[resp_r]).decode("ascii", "replace").split("\n")
+    if not lines or lines[0] != _dumps({"loaded": True}) or len(lines) < len(plan.calls) + 2:
+        return run.result(child, *_exit_reason(rc))
+    reason, detail = _judge_values(plan, lines[1:len(plan.calls) + 1])
+    return run.result(child, reason, detail, "values")
+
+
+def _run_tester(run: _Run, code: str, tests: str) -> SandboxResult:
+    """The tester form: the tests run in a second jail, calling into the solution's jail over pipes."""
+    to_sol_r, to_sol_w = os.pipe()
+    to_tst_r, to_tst_w = os.pipe()
+    try:
+        sol = run.spawn("solution", {"runner.py": _RUNNER, "code.py": code}, "runner.py", ["/sbx/code.py", "-"],
+                        {"CR_REQ_FD": to_sol_r, "CR_RESP_FD": to_tst_w},
+                        {"CR_ALLOW_SUB": str(int(run.limits.allow_subprocesses))})
+        tst = run.spawn("tests", {"tester.py": _TESTER, "tests.py": tests}, "tester.py", ["/sbx/tests.py"],
+                        {"CR_REQ_FD": to_sol_w, "CR_RESP_FD": to_tst_r}, {"CR_REPLY_CAP": str(_REPLY_CAP)})
+    finally:
+        for fd in (to_sol_r, to_sol_w, to_tst_r, to_tst_w):
+            os.close(fd)
+    small = (64 * 1024, False)
+    run.pump(tst, {**_solution_streams(run, sol), tst.out: small, tst.err: small, tst.status: small})
+    failed = _solution_failure(run.text(sol.status), sol.proc.returncode, run)
+    if failed is not None:
+        return run.result(sol, *failed)
+    try:
+        verdict = json.loads(run.text(tst.status).splitlines()[0])
+        reason, detail = str(verdict["result"]), str(verdict.get("detail", ""))
+    except (ValueError, IndexError, KeyError, TypeError):
+        return run.result(sol, "crash", f"the test process ended without a verdict (exit status "
+                                        f"{tst.proc.returncode}): {run.text(tst.err)[-300:]}")
+    if reason == "lost":
+        return run.result(sol, *_exit_reason(sol.proc.returncode))
+    if reason not in REASONS or (reason == "ok" and tst.proc.returncode != 0):
+        return run.result(sol, "crash", f"the test process reported {reason[:40]!r}: {detail}")
+    return run.result(sol, reason, detail, "tester")
