@@ -47,7 +47,7 @@ def test_atomic_dir_swaps_or_cleans_up(tmp_path: Path) -> None:
     assert (target / "a").read_text() == "1"
     with atomic_dir(target) as tmp:
         (tmp / "b").write_text("3")
-    assert sorted(f.name for f in target.iterdir()) == ["b"]
+    assert sorted(f.name for f in target.iterdir()) == [".crossroute", "b"]  # + its marker
     assert sorted(f.name for f in tmp_path.iterdir()) == ["ckpt"]
 
 

@@ -225,6 +225,17 @@ class SequenceDiff:
                 "jaccard": self.jaccard}
 
 
+def check_finite_delta(name: str, a: TensorInfo, b: TensorInfo, base_sq: float, delta_sq: float) -> None:
+    """Refuse a tensor whose base or update holds NaN/inf (its sums of squares are not finite): every statistic
+    of it would be NaN, and NaN is not JSON."""
+    if not math.isfinite(base_sq):
+        raise CrossrouteError(f"{a.file}: tensor '{name}' holds NaN or inf values; diff needs finite weights: "
+                              "use a checkpoint from before the divergence (load_model names every such tensor)")
+    if not math.isfinite(delta_sq):
+        raise CrossrouteError(f"{b.file}: tensor '{name}' holds NaN or inf values (or its update overflows fp32); "
+                              "diff needs finite weights: use a checkpoint from before the divergence")
+
+
 def _ratio(num_sq: float, den_sq: float) -> float | None:
     return math.sqrt(num_sq / den_sq) if den_sq > 0 else None
 
@@ -531,6 +542,7 @@ class _Streamer:
         first = parts[0]
         for p in parts[1:]:
             first.merge(p)
+        check_finite_delta(name, self.a.tensors[name], ib, first.base_sq, first.delta_sq)
         sample = torch.cat(first.samples)
         eps = torch.finfo(ib.dtype).eps if ib.dtype.is_floating_point else 1.0
         stats = TensorStats(
@@ -650,7 +662,11 @@ def diff_checkpoints(
             i = jobs[j][0]
             if last[i] != j:
                 continue
-            res = streamer.finish(names[i], parts)
+            try:
+                res = streamer.finish(names[i], parts)
+            except CrossrouteError:
+                pool.shutdown(wait=False, cancel_futures=True)  # a NaN checkpoint: stop now, not after every tensor
+                raise
             parts = []
             tensors.append(res.stats)
             hist = [x + y for x, y in zip(hist, res.hist, strict=True)]

@@ -1,4 +1,5 @@
-"""Preflight checks of a checkpoint: weights free of NaN/inf, not truncated, tokenizer fits the model.
+"""Preflight checks of a checkpoint: weights free of NaN/inf, not truncated, tokenizer fits the model, and
+tensor names/shapes that match config.json (no tensor missing, unexpected or mis-shaped).
 
 `check_weights` streams every safetensors tensor in row blocks with diff.py's reader (validated
 JSON-only header, `os.preadv` into one reusable buffer): memory is bounded by one block (~1 M
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from crossroute.io.safetensors import (
     CHUNK_ELEMS,
     TensorInfo,
     max_block,
+    natural_key,
     open_shards,
     pread_into,
     row_blocks,
@@ -136,3 +139,73 @@ def check_tokenizer_matches(model_path: str | Path) -> None:
         raise CrossrouteError(f"tokenizer vocabulary ({n_tok} tokens, {tok_file}) exceeds the model's "
                               f"vocab_size {n_cfg} ({cfg_file}); token ids >= {n_cfg} would index past "
                               "the embedding: use the tokenizer saved with this model")
+
+
+# ----------------------------------------------------------------------------- tensors vs config
+
+# a decoder layer of the language model (not of a vision tower's encoder): model.layers.3., transformer.h.3., ...
+LAYER_INDEX = re.compile(r"(?:^|\.)(?:model|transformer|gpt_neox|language_model|decoder|backbone)\."
+                         r"(?:layers|h|blocks)\.(\d+)\.")
+
+
+def header_tensors(root: str | Path) -> dict[str, TensorInfo]:
+    """Every tensor of a checkpoint from its validated safetensors headers (names, dtypes, shapes, byte ranges)."""
+    tensors: dict[str, TensorInfo] = {}
+    for f in weight_files(Path(root)):
+        _check_header_size(f)
+        tensors.update(tensor_infos(f))
+    return tensors
+
+
+def layers_in(names: Any) -> int | None:
+    """1 + the largest decoder-layer index among tensor `names`, None when no name is in a decoder layer."""
+    idx = [int(m.group(1)) for n in names if (m := LAYER_INDEX.search(n))]
+    return max(idx) + 1 if idx else None
+
+
+def check_layer_count(cfg_file: Path, n_config: int | None, tensors: dict[str, TensorInfo], extra_ok: int = 0) -> None:
+    """The weights must hold the config's num_hidden_layers decoder layers: fewer would load with random layers,
+    more would silently drop trained ones (`extra_ok`: extra layers the config declares, e.g. DeepSeek's MTP)."""
+    n_w = layers_in(tensors)
+    if n_config is None or n_w is None or n_config <= n_w <= n_config + extra_ok:
+        return
+    where = sorted({str(i.file.name) for i in tensors.values()})[0]
+    raise CrossrouteError(f"{cfg_file}: num_hidden_layers is {n_config} but the weights ({where}) hold {n_w} "
+                          f"decoder layers (0-{n_w - 1}); set num_hidden_layers to {n_w} or use the config.json "
+                          "saved with these weights")
+
+
+def check_state_dict_report(root: Path, tensors: dict[str, TensorInfo], arch: str, missing: set[str],
+                            unexpected: set[str], mismatched: list[tuple[str, tuple, tuple]],
+                            conversion_errors: dict[str, str]) -> None:
+    """Raise naming the first tensor the checkpoint lacks, has in excess, or holds with another shape than
+    config.json implies (`arch` is the model class); nothing is loaded or initialised at random."""
+    cfg_file = root / "config.json"
+
+    def more(items: Any) -> str:
+        return f" (and {len(items) - 1} more)" if len(items) > 1 else ""
+
+    if mismatched:
+        name, got, want = sorted(mismatched, key=lambda m: natural_key(m[0]))[0]
+        f = tensors[name].file if name in tensors else root
+        raise CrossrouteError(f"{f}: tensor '{name}' has shape {tuple(got)} but {cfg_file} ({arch}) needs "
+                              f"{tuple(want)}{more(mismatched)}; the config does not match the weights: use the "
+                              "config.json saved with them (check hidden_size, intermediate_size, head counts)")
+    if conversion_errors:
+        name = sorted(conversion_errors, key=natural_key)[0]
+        lines = [ln.strip() for ln in str(conversion_errors[name]).splitlines() if ln.strip()]
+        errs = [ln for ln in lines if re.match(r"[A-Za-z_.]+Error: ", ln)]
+        last = errs or lines
+        raise CrossrouteError(f"{root}: cannot assemble tensor '{name}' of {arch} from the checkpoint's tensors "
+                              f"({last[-1] if last else 'conversion failed'}); a part is missing or mis-shaped: "
+                              "re-save the checkpoint with save_pretrained")
+    if missing:
+        name = sorted(missing, key=natural_key)[0]
+        raise CrossrouteError(f"{root}: tensor '{name}' is missing from the weights{more(missing)} ({arch} from "
+                              f"{cfg_file} needs it; loading would fill it with random values); the checkpoint is "
+                              "incomplete: copy the missing shard or re-save it with save_pretrained")
+    if unexpected:
+        name = sorted(unexpected, key=natural_key)[0]
+        f = tensors[name].file if name in tensors else root
+        raise CrossrouteError(f"{f}: unexpected tensor '{name}'{more(unexpected)}: {arch} from {cfg_file} has no "
+                              "such weight (loading would drop it); use the config.json saved with these weights")

@@ -51,6 +51,9 @@ def read_header(path: Path) -> tuple[int, dict[str, Any]]:
     except (OSError, struct.error, ValueError, MemoryError) as exc:
         raise CrossrouteError(f"cannot read safetensors header of {path}: {exc}; "
                               "re-save the checkpoint with save_pretrained") from exc
+    if not isinstance(header, dict):
+        raise CrossrouteError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, not an object "
+                              "of tensor entries); re-download or re-save the checkpoint")
     header.pop("__metadata__", None)
     return 8 + n, header
 
@@ -68,14 +71,46 @@ def tensor_infos(path: Path) -> dict[str, TensorInfo]:
         except (KeyError, TypeError, ValueError) as exc:
             raise CrossrouteError(f"tensor '{name}' in {path} has an unsupported or malformed "
                                   f"header entry ({exc}); re-save the checkpoint") from exc
+        if any(d < 0 for d in shape):
+            raise CrossrouteError(f"tensor '{name}' in {path} has a negative dimension in its shape {shape} "
+                                  "(corrupt header); re-download or re-save the checkpoint")
         if end - begin != math.prod(shape) * dtype.itemsize or base + end > size or begin < 0:
             raise CrossrouteError(f"tensor '{name}' in {path} has inconsistent data offsets "
                                   "(truncated or corrupt file); re-download or re-save it")
         out[name] = TensorInfo(path, dtype, shape, base + begin, end - begin)
+    check_contiguous(path, out, base, size)
     return out
 
 
+def check_contiguous(path: Path, tensors: dict[str, TensorInfo], base: int, size: int) -> None:
+    """Tensors must tile the data section back to back, as the safetensors format requires: an overlap or a hole
+    means a corrupt header (transformers' loader would fail with a traceback later)."""
+    pos = base
+    for name, info in sorted(tensors.items(), key=lambda kv: (kv[1].start, kv[1].nbytes)):
+        if info.start != pos:
+            what = "overlaps the previous tensor" if info.start < pos else f"leaves a gap of {info.start - pos} bytes"
+            raise CrossrouteError(f"tensor '{name}' in {path} {what} (data offsets; corrupt safetensors header); "
+                                  "re-download or re-save the checkpoint")
+        pos += info.nbytes
+    if pos != size:
+        raise CrossrouteError(f"{path}: {size - pos} bytes after the last tensor's data (corrupt or mis-sized "
+                              "safetensors file); re-download or re-save the checkpoint")
+
+
+def check_readable(path: Path) -> Path:
+    """`path` itself, refusing a symlink loop or a dangling symlink with one line (open() would raise ELOOP)."""
+    if path.is_symlink():
+        try:
+            path.resolve(strict=True)
+        except (OSError, RuntimeError):
+            raise CrossrouteError(f"{path}: a symlink loop or a dangling symlink; replace it with the real file "
+                                  "(or a link to it)") from None
+    return path
+
+
 def weight_files(root: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory (index shards, model.safetensors or *.safetensors)."""
+    check_readable(root)
     if not root.exists():
         raise CrossrouteError(f"checkpoint {root} does not exist; pass a checkpoint directory "
                               "holding config.json and model.safetensors (or its sharded index)")
@@ -87,19 +122,20 @@ def weight_files(root: Path) -> list[Path]:
     index = root / "model.safetensors.index.json"
     if index.exists():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError) as exc:
+            weight_map = json.loads(check_readable(index).read_text())["weight_map"]
+            shard_names = [str(f) for f in dict.fromkeys(weight_map.values())]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CrossrouteError(f"cannot read {index}: {exc}; re-save the checkpoint with "
                                   "save_pretrained") from exc
-        files = [root / f for f in dict.fromkeys(weight_map.values())]
+        files = [check_readable(root / f) for f in shard_names]
         for f in files:
             if not f.exists():
                 raise CrossrouteError(f"{index} lists shard {f.name}, which is missing; copy the "
                                       "missing shard or re-save the checkpoint")
         return files
-    if (root / "model.safetensors").exists():
+    if check_readable(root / "model.safetensors").exists():
         return [root / "model.safetensors"]
-    files = sorted(root.glob("*.safetensors"))
+    files = [check_readable(f) for f in sorted(root.glob("*.safetensors"))]
     if files:
         return files
     if any(root.glob("pytorch_model*.bin")) or any(root.glob("*.pt")) or any(root.glob("*.pth")):
@@ -121,9 +157,12 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     config = None
     if cfg_path.exists():
         try:
-            config = json.loads(cfg_path.read_text())
+            config = json.loads(check_readable(cfg_path).read_text())
         except (OSError, ValueError) as exc:
             raise CrossrouteError(f"cannot parse {cfg_path}: {exc}; fix or re-save it") from exc
+        if not isinstance(config, dict):
+            raise CrossrouteError(f"{cfg_path}: a JSON {type(config).__name__}, not an object of config fields; "
+                                  "use the config.json saved with the model")
     return Checkpoint(root, tensors, config)
 
 
@@ -253,8 +292,16 @@ class SafetensorsWriter:
         self.next += 1
 
     def close(self) -> None:
-        self.fh.flush()
-        os.fsync(self.fh.fileno())
-        self.fh.close()
+        """Flush and fsync the file (a full disk raises its OSError here), then check every tensor was written."""
+        try:
+            self.fh.flush()
+            os.fsync(self.fh.fileno())
+        finally:
+            self.abort()
         if self.next != len(self.specs):
             raise CrossrouteError(f"internal: {len(self.specs) - self.next} tensors were never written.")
+
+    def abort(self) -> None:
+        """Close the file after a failed write without masking that error (the caller removes the file)."""
+        with contextlib.suppress(OSError):
+            self.fh.close()

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import yaml
 
-from crossroute.core.atomic import atomic_dir
+from crossroute.core.atomic import MARKER, atomic_dir, check_output_dir
 from crossroute.core.errors import CrossrouteError
 from crossroute.io.safetensors import (
     Checkpoint,
@@ -104,6 +104,28 @@ def _gradient(values: Sequence[float], x: float) -> float:
     return (1 - frac) * float(values[i0]) + frac * float(values[i1])
 
 
+def check_t_value(value: Any, where: str = "t") -> float:
+    """A t value as a float, refusing one outside [0, 1] or NaN (it would extrapolate, or write NaN tensors)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise CrossrouteError(f"{where}: {value!r} is not a number.")
+    if not 0.0 <= float(value) <= 1.0:  # False for NaN too
+        raise CrossrouteError(f"{where}: {value!r} is outside [0, 1]; t is the other model's weight (0 keeps the "
+                              "base, 1 takes the other model): pass a number from 0 to 1.")
+    return float(value)
+
+
+def check_t_setting(setting: Any, where: str = "t") -> None:
+    """Every number anywhere in a t setting (a number, a gradient, filter entries' values) must be in [0, 1]."""
+    if isinstance(setting, list):
+        for i, v in enumerate(setting):
+            check_t_setting(v, f"{where}[{i}]")
+    elif isinstance(setting, dict):
+        if "value" in setting:
+            check_t_setting(setting["value"], f"{where}.value")
+    else:
+        check_t_value(setting, where)
+
+
 def evaluate_t(setting: Any, name: str, x: float) -> float | None:
     """The value of a mergekit-style setting for tensor `name` at layer position `x` (None: no match)."""
     if isinstance(setting, bool):
@@ -151,6 +173,7 @@ def load_t_schedule(source: str | Path | float | list | dict | None, default: fl
         else:
             raise CrossrouteError("t schedule: a mapping needs a 't' key (or mergekit's parameters.t).")
     evaluate_t(raw, "", 0.0)  # validate the shape once
+    check_t_setting(raw)
     return raw
 
 
@@ -159,7 +182,7 @@ def t_for(setting: Any, name: str, num_layers: int) -> float:
     if value is None:
         raise CrossrouteError(f"t schedule: no entry matches tensor {name!r}; add a final entry without "
                               "a filter (e.g. {value: 0.5}).")
-    return value
+    return check_t_value(value, f"t of tensor {name!r}")
 
 
 # ----------------------------------------------------------------------------- streaming I/O
@@ -195,20 +218,42 @@ def tensor_names(ck: Checkpoint) -> list[str]:
     return sorted(ck.tensors, key=natural_key)
 
 
-def stream_merge(base: str | Path, others: Sequence[str | Path], out: str | Path, fn: TensorFn) -> Path:
+def check_merge_out(out: str | Path, inputs: Sequence[Path], force: bool = False) -> Path:
+    """Refuse a merge output that is one of its inputs, or that crossroute may not replace (core.atomic)."""
+    out = Path(out).expanduser()
+    for p in inputs:
+        if out.resolve() == Path(p).resolve():
+            raise CrossrouteError(f"--out {out}: is an input checkpoint of this merge; pass a new output directory.")
+    return check_output_dir(out, force)
+
+
+def check_finite(name: str, tensor: torch.Tensor, out: Path) -> None:
+    """Refuse to write a merged tensor holding NaN or inf (a NaN input, or an overflow in its dtype)."""
+    t = tensor if tensor.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) else tensor.float()
+    bad = int((~torch.isfinite(t)).sum())
+    if bad:
+        raise CrossrouteError(f"{out}: merged tensor '{name}' has {bad} NaN or inf values, so nothing was written: an "
+                              f"input checkpoint holds NaN/inf in '{name}' (or the result overflows {tensor.dtype}); "
+                              "merge checkpoints with finite weights.")
+
+
+def stream_merge(base: str | Path, others: Sequence[str | Path], out: str | Path, fn: TensorFn,
+                 force: bool = False) -> Path:
     """Write `out` = fn(name, base_fp32, [other_fp32...]) for every floating tensor, base dtype kept.
 
     Non-floating tensors are copied from base. Output shards mirror the base's files; config,
-    tokenizer and other non-weight files are copied from base. The directory appears atomically.
+    tokenizer and other non-weight files are copied from base. The directory appears atomically; an existing
+    `out` is replaced only when crossroute wrote it (or `force`); a tensor with NaN/inf stops the merge.
     """
     b, os_ = open_checkpoints(base, others)
+    out = check_merge_out(out, [b.root, *(o.root for o in os_)], force)
     files: dict[Path, list[str]] = {}
     for name, info in sorted(b.tensors.items(), key=lambda kv: (str(kv[1].file), kv[1].start)):
         files.setdefault(info.file, []).append(name)
     readers = [TensorReader(ck) for ck in [b, *os_]]
-    with atomic_dir(Path(out)) as tmp:
+    with atomic_dir(out, force=force) as tmp:
         for f in sorted(b.root.iterdir()) if b.root.is_dir() else []:
-            if f.is_file() and not f.name.endswith(_SKIP_COPY):
+            if f.is_file() and not f.name.endswith(_SKIP_COPY) and f.name != MARKER:
                 shutil.copy2(f, tmp / f.name)
         for r in readers:
             r.__enter__()
@@ -222,13 +267,16 @@ def stream_merge(base: str | Path, others: Sequence[str | Path], out: str | Path
                         if bt.dtype.is_floating_point:
                             res = fn(n, bt.float(), [r.read(n).float() for r in readers[1:]])
                             bt = res.to(bt.dtype).reshape(bt.shape)
+                            check_finite(n, bt, out)
                         writer.write(n, bt)
-                finally:
-                    writer.close()
+                except BaseException:
+                    writer.abort()  # the real error (a full disk, a NaN) propagates, not "tensors never written"
+                    raise
+                writer.close()
         finally:
             for r in readers:
                 r.__exit__()
-    return Path(out)
+    return out
 
 
 # ----------------------------------------------------------------------------- masks (core regions)
@@ -337,13 +385,15 @@ def merge_checkpoints(
     eps: float = DEFAULT_EPS,
     masks: Sequence[dict[str, torch.Tensor]] | None = None,
     top_percent: float = 1.0,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Merge `others` into `base` tensor by tensor and write checkpoint `out`; returns merge statistics.
 
     slerp / linear: exactly one other model; t (number or mergekit-style schedule) is its weight
     (t=0 keeps base). transplant: each donor's masked entries replace the base's (masks default to
     each donor's global top-`top_percent` % of |donor - base|); where several donors' masks overlap,
-    the donor with the larger |donor - base| wins (ties: the earlier donor).
+    the donor with the larger |donor - base| wins (ties: the earlier donor). `force`: replace an existing `out`
+    crossroute did not write.
     """
     if method not in METHODS:
         raise CrossrouteError(f"merge method {method!r} unknown; use one of {', '.join(METHODS)}.")
@@ -353,7 +403,7 @@ def merge_checkpoints(
     if method in ("slerp", "linear"):
         if len(others) != 1:
             raise CrossrouteError(f"merge {method}: takes exactly one model besides the base, got {len(others)}.")
-        setting = load_t_schedule(t) if not isinstance(t, int | float) else float(t)
+        setting = load_t_schedule(t) if not isinstance(t, int | float) else check_t_value(t)
         b, _ = open_checkpoints(base, others)
         n_layers = num_layers_of(b)
         used: dict[str, float] = {}
@@ -369,7 +419,7 @@ def merge_checkpoints(
                 fallback.append(name)
             return res
 
-        stream_merge(base, others, out, fn)
+        stream_merge(base, others, out, fn, force=force)
         stats.update({"t": used, "linear_fallback": fallback} if method == "slerp" else {"t": used})
         return stats
     if masks is None:
@@ -386,7 +436,7 @@ def merge_checkpoints(
         moved += m
         return res
 
-    stream_merge(base, others, out, tfn)
+    stream_merge(base, others, out, tfn, force=force)
     stats.update({"transplanted": moved, "collisions": collisions,
                   "collision_rule": "larger |donor - base| wins; ties: earlier donor"})
     return stats
@@ -421,19 +471,23 @@ def transplant_cores(base: torch.Tensor, donors: list[torch.Tensor],
 
 def run_merge(method: str, base: str | Path, models: Sequence[str | Path], out: str | Path,
               t_schedule_yaml: str | Path | None = None, t: float = 0.5, mask: str | Path | None = None,
-              top_percent: float = 1.0) -> Path:
+              top_percent: float = 1.0, force: bool = False) -> Path:
     """CLI entry: `crossroute merge slerp|linear|transplant BASE MODEL... --out DIR`.
 
     slerp/linear take `t` or a mergekit-style schedule file (`t_schedule_yaml`); transplant takes a
     core mask file (safetensors of flat indices, one donor) or the donors' top-`top_percent` % cores.
-    Writes OUT/merge.json with the statistics next to the weights.
+    Writes OUT/merge.json with the statistics next to the weights. An existing OUT is replaced only when
+    crossroute wrote it (its .crossroute marker) or `force`; an input checkpoint as OUT is refused.
     """
     from crossroute.core.atomic import atomic_write_json
     from crossroute.model.load import check_checkpoint_dir
 
+    setting: Any = load_t_schedule(t_schedule_yaml) if t_schedule_yaml is not None else t
+    if method != "transplant" and isinstance(setting, int | float):
+        check_t_value(setting, "--t")
     base_p = check_checkpoint_dir(base)
     model_ps = [check_checkpoint_dir(m, need_tokenizer=False) for m in models]
-    setting: Any = load_t_schedule(t_schedule_yaml) if t_schedule_yaml is not None else t
+    check_merge_out(out, [base_p, *model_ps], force)
     masks = None
     if mask is not None:
         if method != "transplant":
@@ -441,6 +495,7 @@ def run_merge(method: str, base: str | Path, models: Sequence[str | Path], out: 
         if len(model_ps) != 1:
             raise CrossrouteError("--mask gives one donor's core; pass exactly one donor model with it.")
         masks = [load_index_masks(mask)]
-    stats = merge_checkpoints(method, base_p, model_ps, out, t=setting, masks=masks, top_percent=top_percent)
+    stats = merge_checkpoints(method, base_p, model_ps, out, t=setting, masks=masks, top_percent=top_percent,
+                              force=force)
     atomic_write_json(Path(out) / "merge.json", {**stats, "t_schedule": setting if method != "transplant" else None})
     return Path(out)

@@ -15,6 +15,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from crossroute.core.atomic import check_output_dir
 from crossroute.core.console import progress_bar
 from crossroute.domains.builtin import BUILTIN, DEFAULT_DOMAINS, kb_facts, other_convention
 from crossroute.measure.batches import collate, encode_pair
@@ -29,18 +30,19 @@ class PretrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     seed: int = 0
-    steps: int = 2000
-    batch_size: int = 64
-    learning_rate: float = 3e-3
-    warmup_steps: int = 100
-    weight_decay: float = 0.01
+    steps: int = Field(2000, gt=0)
+    batch_size: int = Field(64, gt=0)
+    learning_rate: float = Field(3e-3, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
     fact_share: float = Field(0.15, ge=0, le=1, description="share of each batch spent on knowledge-base facts")
     convention_noise: float = Field(
         0.4, ge=0, le=1,
         description="share of answers written in the conflicting domain's convention (headroom for RL, and the "
         "shared route that later stages fight over)")
-    pool_per_domain: int = 4000
-    threads: int = 2
+    pool_per_domain: int = Field(4000, gt=0)
+    threads: int = Field(1, gt=0, description="torch CPU threads; 1 makes the shipped default bit-reproducible "
+                         "on a machine and avoids oversubscription on a shared one")
     preset: str = Field("default", description="model size (crossroute.presets): default or gpu")
     arch: dict[str, Any] = Field(default_factory=dict, description="Qwen3Config overrides of the default size")
     device: str | None = Field(None, description="cpu, cuda, cuda:1, ...; None: cuda when available")
@@ -68,9 +70,14 @@ def build_corpus(tokenizer: PreTrainedTokenizerBase, cfg: PretrainConfig) -> tup
 
 
 def pretrain(
-    cfg: PretrainConfig, out: Path | None = None, show_progress: bool = True
+    cfg: PretrainConfig, out: Path | None = None, show_progress: bool = True, force: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, float]]:
-    """Train the default model from `cfg.seed`; save it to `out` when given. Returns stats too."""
+    """Train the default model from `cfg.seed`; save it to `out` when given. Returns stats too.
+
+    An existing `out` is replaced only when crossroute wrote it (its .crossroute marker) or `force`; that is
+    checked before training, so a refused --out costs nothing."""
+    if out is not None:
+        check_output_dir(out, force)
     torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device or default_device())
     if device.type == "cpu":
@@ -118,5 +125,5 @@ def pretrain(
              "final_loss": round(loss_ema, 4),
              "parameters": sum(p.numel() for p in model.parameters())}
     if out is not None:
-        save_model(model, tokenizer, out)
+        save_model(model, tokenizer, out, force=force)
     return model, tokenizer, stats
