@@ -242,7 +242,22 @@ def test_concurrency_is_bounded(stub: Stub) -> None:
 
 def test_check_endpoint(stub: Stub) -> None:
     assert check_endpoint(cfg(stub.url)) == "10"
-    assert stub.requests[0]["max_tokens"] == 8
+    req = stub.requests[0]  # a real scoring request: the config's template, model and token budget
+    assert req["max_tokens"] == 64 and req["model"] == "judge-model"
+    assert req["messages"][-1]["content"].startswith("You are grading a piece of writing.")
+    assert judge.PREFLIGHT_COMPLETION in req["messages"][-1]["content"]
+
+
+@pytest.mark.parametrize("reply", ["banana", "", "I would rather not say.", "42"])
+def test_check_endpoint_refuses_a_judge_that_gives_no_score(stub: Stub, reply: str) -> None:
+    """A judge answering without a 0-10 score would train the stage on reward 0: refused before training."""
+    stub.default = lambda req: chat(reply)
+    with pytest.raises(CrossrouteError) as e:
+        check_endpoint(cfg(stub.url))
+    msg = str(e.value)
+    assert f"judge endpoint {stub.url}/chat/completions (model judge-model)" in msg, msg
+    assert f"no 0-10 score: {reply!r}" in msg and "judge.template" in msg, msg
+    assert len(stub.requests) == 1  # a readable reply without a score is not retried
 
 
 def test_check_endpoint_wrong_path(stub: Stub) -> None:

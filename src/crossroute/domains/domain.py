@@ -80,14 +80,17 @@ class Domain:
                                         max_draws)
         seen: set[str] = set()
         out: list[Example] = []
-        tries = 0
+        tries = last_new = 0
         while len(out) < n and tries < max_draws:
             tries += 1
             ex = self.generate(rng)
             if ex.prompt in seen or split_of(ex.prompt) != split:
+                if tries - last_new > max(20_000, 50 * len(out)):
+                    break  # the split's distinct prompts are exhausted
                 continue
             seen.add(ex.prompt)
             out.append(ex)
+            last_new = tries
         return out
 
     # ------------------------------------------------------------------ scoring

@@ -21,6 +21,8 @@ from crossroute.domains.base import Example
 from crossroute.domains.domain import Domain
 
 EVAL_SETS = "eval_sets"
+MIX_TOLERANCE = 0.05  # largest share difference per stratum between the set and a 100-prompt set before warning
+REFERENCE_N = 100
 
 
 def example_json(e: Example) -> dict[str, Any]:
@@ -48,6 +50,21 @@ def _digest(rows: list[str]) -> str:
     return hashlib.sha256("\n".join(rows).encode()).hexdigest()[:16]
 
 
+def _stratum_of(d: Domain, e: Example) -> str:
+    return e.stratum or (d.stratum(e) if d.stratum is not None else "")
+
+
+def _mix_shift(d: Domain, exs: list[Example], strata: dict[str, int]) -> float:
+    """The largest difference of a stratum's share between `exs` and the domain's 100-prompt eval set (0 when the
+    domain has no strata or the set is no larger): how far capacity limits moved the mix."""
+    if not strata or len(exs) <= REFERENCE_N:
+        return 0.0
+    ref = Counter(_stratum_of(d, e) for e in d.examples("eval", REFERENCE_N))
+    total = sum(ref.values()) or 1
+    keys = set(ref) | set(strata)
+    return round(max(abs(strata.get(k, 0) / len(exs) - ref.get(k, 0) / total) for k in keys), 4)
+
+
 def write_eval_sets(root: Path, domains: list[Domain], n: int) -> dict[str, Any]:
     """Draw each domain's eval set of (up to) n prompts and write RUN/eval_sets/<name>.jsonl plus a manifest
     (counts per stratum, a digest); warns when a domain has fewer than n eval prompts."""
@@ -59,7 +76,13 @@ def write_eval_sets(root: Path, domains: list[Domain], n: int) -> dict[str, Any]
         strata = dict(sorted(Counter(e.stratum for e in exs).items())) if any(e.stratum for e in exs) else {}
         if not strata and d.stratum is not None:
             strata = dict(sorted(Counter(d.stratum(e) for e in exs).items()))
-        manifest["domains"][d.name] = {"n": len(exs), "strata": strata, "sha256_16": _digest(rows)}
+        shift = _mix_shift(d, exs, strata)
+        manifest["domains"][d.name] = {"n": len(exs), "strata": strata, "mix_shift": shift, "sha256_16": _digest(rows)}
+        if shift > MIX_TOLERANCE:
+            warnings.warn(f"domain {d.name}: at n = {n} the stratum mix differs from a small eval set's by "
+                          f"{100 * shift:.0f} points (a stratum ran out of distinct prompts; see "
+                          f"{EVAL_SETS}/manifest.json): scores at this n are not comparable with smaller n.",
+                          stacklevel=2)
         if len(exs) < n:
             warnings.warn(f"domain {d.name}: only {len(exs)} eval prompts (asked for {n}); its CIs are wider than "
                           "planned.", stacklevel=2)
@@ -77,7 +100,7 @@ def read_eval_set(root: Path, name: str) -> list[Example] | None:
         if line.strip():
             try:
                 raw = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 raise CrossrouteError(f"{path}:{i}: invalid JSON; delete {root / EVAL_SETS} to draw the sets "
                                       "again.") from None
             out.append(example_from_json(raw, f"{path}:{i}"))

@@ -6,7 +6,7 @@ failures (connection errors, timeouts, HTTP 429 and 5xx) are retried with expone
 jitter (honouring a capped Retry-After); an endpoint still down after every try raises one
 CrossrouteError line naming the URL and the fix. A reply with no readable score gives 0.0 and its
 reason is recorded in `f.last_results` (never an exception). `check_endpoint(config)` is the
-preflight to run before training starts.
+preflight to run before training starts: it sends one real scoring request and requires a readable score.
 
 The API key is never stored in the config: `api_key_env` names the environment variable holding it.
 """
@@ -361,14 +361,19 @@ def judge_reward(config: JudgeConfig, name: str = "judge") -> Callable[..., list
     return reward
 
 
-def check_endpoint(config: JudgeConfig) -> str:
-    """Preflight before training: the endpoint answers an OpenAI-shaped chat completion.
+# The preflight's scoring request: a real one, through the config's own template and max_tokens.
+PREFLIGHT_PROMPT = "Write one sentence about the sea."
+PREFLIGHT_COMPLETION = "The sea is wide and grey, and the waves roll in all day."
 
-    Returns the judge's reply to a trivial request; raises CrossrouteError (one line) otherwise."""
+
+def check_endpoint(config: JudgeConfig) -> str:
+    """Preflight before training: the judge answers a real scoring request (the config's template, model and
+    max_tokens) with a readable 0-10 score, so a judge that cannot score fails here instead of training on
+    reward 0. Returns the judge's reply; raises CrossrouteError (one line naming the endpoint) otherwise."""
     key = _api_key(config)
+    text = config.template.replace("{prompt}", PREFLIGHT_PROMPT).replace("{completion}", PREFLIGHT_COMPLETION)
     try:
-        body = _post(config, [{"role": "user", "content": "Reply with the number 10."}], key,
-                     max_tokens=8)
+        body = _post(config, [{"role": "user", "content": text}], key)
     except _Rejected as e:
         raise e.error(config) from None
     reply = _reply_text(body)
@@ -377,4 +382,8 @@ def check_endpoint(config: JudgeConfig) -> str:
         raise CrossrouteError(f"judge endpoint {config.url} did not answer like an OpenAI-"
                               f"compatible chat completion ({raw[:120]!r}); check judge.base_url "
                               "(it should end in /v1)")
+    if parse_score(reply) is None:
+        raise CrossrouteError(f"judge endpoint {config.url} (model {config.model}) answered a test scoring request "
+                              f"with no 0-10 score: {' '.join(reply.split())[:120]!r}; check judge.model, "
+                              "judge.max_tokens and judge.template (it must ask for a score from 0 to 10)")
     return reply

@@ -173,7 +173,7 @@ def _rubric(value: Any, where: str, column: str) -> dict[str, Any]:
 
         try:
             value = json.loads(value)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             value = None
     if not isinstance(value, dict) or not value:
         raise CrossrouteError(f"{where}: field {column!r} must be a non-empty object of rules "

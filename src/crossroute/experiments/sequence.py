@@ -6,7 +6,6 @@ and its evaluation written. The forgetting matrix and the refresh analysis land 
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from crossroute.analyze.forgetting import forgetting_summary, paired_summary, per_example_scores
-from crossroute.core.config import load_yaml_mapping, validate_config
+from crossroute.core.config import MAX_EVAL_N, MAX_TRAIN_PROMPTS, load_yaml_mapping, validate_config
 from crossroute.core.console import console
 from crossroute.core.errors import CrossrouteError
 from crossroute.core.rundir import RunDir, open_run
@@ -30,7 +29,13 @@ from crossroute.measure.rescore import read_records
 from crossroute.measure.stats import across_seeds
 from crossroute.model.load import check_checkpoint_dir, load_tokenizer, resolve_model_path
 from crossroute.repair.protect import ProtectCallback, ProtectConfig
-from crossroute.train.grpo import grpo_kwargs, make_grpo_config, train_grpo_stage
+from crossroute.train.grpo import (
+    grpo_kwargs,
+    make_grpo_config,
+    reserved_grpo_error,
+    train_grpo_stage,
+    warn_cpu_overrides,
+)
 
 
 class StageConfig(BaseModel):
@@ -54,9 +59,9 @@ class TrainConfig(BaseModel):
     # Every domain, declared once by name: a built-in name, a spec mapping (files, fields, scorer, chat template),
     # a spec YAML file, or a data file. Stages, refresh and protect refer to these names.
     domains: dict[str, DomainSpec | str] = Field(default_factory=lambda: {d: d for d in DEFAULT_DOMAINS})
-    eval_n: int = Field(100, gt=0)
+    eval_n: int = Field(100, gt=0, le=MAX_EVAL_N)
     eval: EvalProtocol = Field(default_factory=EvalProtocol)  # greedy or k samples, pass@j, P(ref), budgets
-    train_prompts: int = Field(2000, gt=0)
+    train_prompts: int = Field(2000, gt=0, le=MAX_TRAIN_PROMPTS)
     seed: int = 0
     # Several training seeds: the whole sequence runs once per seed (RUN/seeds/<k>/, each resumable) and every
     # summary figure is aggregated (mean, SD, 95 % t-interval over seeds). Eval prompts never depend on the seed.
@@ -84,16 +89,18 @@ class TrainConfig(BaseModel):
     @model_validator(mode="after")
     def _stage_domains(self) -> TrainConfig:
         names = list(self.domains)
+        err = reserved_grpo_error(self.grpo, "grpo", stage=False)
+        if err:
+            raise ValueError(err)
         for i, st in enumerate(self.stages + ([self.refresh] if self.refresh else [])):
             where = f"stages[{i}]" if i < len(self.stages) else "refresh"
             if st.domain not in self.domains:
                 raise ValueError(f"{where}.domain {st.domain!r} is not declared in domains {names}")
+            err = reserved_grpo_error(st.grpo, f"{where}.grpo")
+            if err:
+                raise ValueError(err)
             if st.protect is not None:
-                if st.domain in st.protect.domains:
-                    raise ValueError(f"{where}.protect.domains lists the stage's own domain {st.domain!r}")
-                missing = next((d for d in st.protect.domains if d not in self.domains), None)
-                if missing:
-                    raise ValueError(f"{where}.protect.domains: {missing!r} is not declared in domains {names}")
+                _check_protect(st.protect, st.domain, where, names, [s.domain for s in self.stages[:i]])
         built = self.built_domains()
         for i, st in enumerate(self.stages + ([self.refresh] if self.refresh else [])):
             where = f"stages[{i}]" if i < len(self.stages) else "refresh"
@@ -115,6 +122,20 @@ class TrainConfig(BaseModel):
         if self._built is None:
             self._built = build_domains(self.domains, judge=self.judge)
         return self._built
+
+
+def _check_protect(protect: ProtectConfig, own: str, where: str, declared: list[str], trained: list[str]) -> None:
+    """A stage's `protect.domains` must be declared, not the stage's own domain `own`, and trained by an earlier
+    stage (`trained`): a domain not trained yet has nothing learnt to protect."""
+    if own in protect.domains:
+        raise ValueError(f"{where}.protect.domains lists the stage's own domain {own!r}")
+    missing = next((d for d in protect.domains if d not in declared), None)
+    if missing:
+        raise ValueError(f"{where}.protect.domains: {missing!r} is not declared in domains {declared}")
+    later = next((d for d in protect.domains if d not in trained), None)
+    if later:
+        raise ValueError(f"{where}.protect.domains: {later!r} is not trained by an earlier stage (earlier stages "
+                         f"train {sorted(set(trained))}); protect only domains trained before this stage")
 
 
 def stage_names(cfg: TrainConfig) -> list[str]:
@@ -141,9 +162,15 @@ def load_train_config(path: str | Path) -> TrainConfig:
 
 def parse_train_config(raw: dict[str, Any], where: str = "config") -> TrainConfig:
     """Validate a config mapping (pydantic, then every stage's GRPOConfig) without training anything."""
+    if raw.get("seeds") and "seed" in raw:
+        raise CrossrouteError(f"{where}: seed: is not used when seeds: is given (every seed in seeds runs); remove "
+                              "one of them")
     cfg = validate_config(TrainConfig, raw, where, "domains")
+    _dist_state(cfg)  # before any GRPOConfig: the process group gets the run's ddp_backend and ddp_timeout
+    warn_cpu_overrides(cfg.grpo, f"{where}: grpo")
     for i, st in enumerate(cfg.stages + ([cfg.refresh] if cfg.refresh else [])):
         label = f"{where}: stages[{i}]" if i < len(cfg.stages) else f"{where}: refresh"
+        warn_cpu_overrides(st.grpo, f"{label}.grpo")
         dom = cfg.built_domains()[st.domain]
         make_grpo_config(domain_grpo_kwargs(cfg, st, dom, tempfile.gettempdir()), label)
     return cfg
@@ -156,10 +183,15 @@ def parse_train_config(raw: dict[str, Any], where: str = "config") -> TrainConfi
 # ----------------------------------------------------------------------------- the run
 
 def _run_stage(cfg: TrainConfig, stage: StageConfig, name: str, init: Path, run: RunDir, domain: Domain) -> None:
-    """Train one GRPO stage from checkpoint `init` and save it atomically as checkpoints/<name>."""
-    work = run.root / ".work" / name
-    shutil.rmtree(work, ignore_errors=True)  # a killed stage restarts from its initial checkpoint
+    """Train one GRPO stage from checkpoint `init` and save it atomically as checkpoints/<name>; its scratch
+    RUN/.work/<name> (TRL's output_dir) is made fresh by the main process and removed once the stage is saved."""
+    state = _dist_state(cfg)
+    work = run.work / name
+    if state.is_main_process:
+        run.work_dir(name)  # a killed stage restarts from its initial checkpoint, with fresh scratch
+    _wait_for_main(state, f"start stage {name}")
     args = make_grpo_config(domain_grpo_kwargs(cfg, stage, domain, str(work)), f"stage {name}")
+    configure_threads(cfg.threads)  # GRPOConfig re-creates accelerate's state, which may reset torch's threads on CPU
     rows = domain.train_rows(domain.examples("train", cfg.train_prompts, seed=cfg.seed), load_tokenizer(init))
     reward = domain.reward_func()
     protect = stage.protect
@@ -176,7 +208,7 @@ def _run_stage(cfg: TrainConfig, stage: StageConfig, name: str, init: Path, run:
         run.write_result(f"train_{name}", {"stage": name, "domain": domain.name, "steps": stage.steps,
                                            "seconds": done.seconds, "log": done.log,
                                            **({"protect": done.callbacks[0].summary()} if done.callbacks else {})})
-    shutil.rmtree(work, ignore_errors=True)
+        run.remove_work(name)  # and .work itself once empty; train_grpo_stage returns after every process is done
 
 
 def domain_grpo_kwargs(cfg: TrainConfig, stage: StageConfig, domain: Domain, output_dir: str) -> dict[str, Any]:
@@ -191,14 +223,23 @@ def domain_grpo_kwargs(cfg: TrainConfig, stage: StageConfig, domain: Domain, out
     return grpo_kwargs({**derived, **cfg.grpo}, stage.grpo, stage.steps, cfg.seed, output_dir)
 
 
-def _dist_state(cfg: TrainConfig) -> Any:
-    """Accelerate's process state (one process without a launcher), with the trainer's own barrier timeout:
-    the other processes wait there while the main one evaluates a stage."""
+def _dist_state(cfg: TrainConfig | None = None) -> Any:
+    """Accelerate's process state (one process without a launcher). The first call creates the run's one process
+    group (gloo on a CPU-only machine, as the trainers' use_cpu), with the run's `grpo.ddp_backend` and
+    `grpo.ddp_timeout`: the barrier timeout the other processes wait under while the main one evaluates a stage.
+    Every trainer then reuses that group (TRL's CPU path would create it without the timeout)."""
+    import os
     from datetime import timedelta
 
+    import torch
     from accelerate import PartialState
 
-    return PartialState(timeout=timedelta(seconds=int(cfg.grpo.get("ddp_timeout", 1800))))
+    grpo = cfg.grpo if cfg is not None else {}
+    kw: dict[str, Any] = {"cpu": not torch.cuda.is_available(),
+                          "timeout": timedelta(seconds=int(grpo.get("ddp_timeout", 1800)))}
+    if grpo.get("ddp_backend") and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        kw["backend"] = grpo["ddp_backend"]
+    return PartialState(**kw)
 
 
 def _evaluate_checkpoint(run: RunDir, name: str, ckpt: Path, cfg: TrainConfig, domains: list[Domain]) -> dict:
@@ -211,7 +252,7 @@ def _evaluate_checkpoint(run: RunDir, name: str, ckpt: Path, cfg: TrainConfig, d
         write_records(records, scores)
         run.write_result(f"eval_{name}", {"stage": name, "checkpoint": str(ckpt), "backend": backend,
                                           **scores_json(scores)})
-    state.wait_for_everyone()  # every process reaches this once per checkpoint
+    _wait_for_main(state, f"evaluate {name}")  # every process reaches this once per checkpoint
     res = run.read_result(f"eval_{name}")
     if res is None:
         raise CrossrouteError(f"{run.results}: eval_{name}.json is missing after the main process evaluated it; "
@@ -219,10 +260,47 @@ def _evaluate_checkpoint(run: RunDir, name: str, ckpt: Path, cfg: TrainConfig, d
     return res
 
 
+def _wait_for_main(state: Any, what: str) -> None:
+    """All processes meet at a barrier; when the main process failed instead (its one-line error is printed above),
+    the others end with one line too, not a gloo/NCCL traceback each."""
+    try:
+        state.wait_for_everyone()
+    except RuntimeError as e:  # torch.distributed: the peer closed the connection (DistBackendError included)
+        raise CrossrouteError(f"process {state.process_index}: the main process stopped while the others waited for "
+                              f"it to {what} ({str(e).splitlines()[0][:120]}); see the main process's error.") from None
+
+
+def is_main_process() -> bool:
+    """Whether this is the process that writes (the only one without a multi-process launch): after
+    run_training, the CLI should print the forgetting table and build the report there only."""
+    return bool(_dist_state().is_main_process)
+
+
+def _say(cfg: TrainConfig, message: str) -> None:
+    """A progress line, printed by the main process only (the others would repeat it)."""
+    if _dist_state(cfg).is_main_process:
+        console.print(message)
+
+
 def open_train_run(cfg: TrainConfig, out: str | Path, base: Path) -> RunDir:
-    """Create or reopen the run directory of `cfg` starting from checkpoint `base` (main process first)."""
-    with _dist_state(cfg).main_process_first():  # one process creates the run directory, then the others open it
-        return open_run(out, {**cfg.model_dump(), "model": str(base)}, kind="train")
+    """Create or reopen the run directory of `cfg` starting from checkpoint `base`.
+
+    Only the main process opens it (it alone takes the run's lock and writes run.yaml); the others wait at a
+    barrier, then use the directory it opened without opening it themselves, so they never contend for the lock."""
+    state = _dist_state(cfg)
+    if state.is_main_process:
+        run = open_run(out, {**cfg.model_dump(), "model": str(base)}, kind="train")
+    _wait_for_main(state, "open the run directory")  # a main process that refuses it exits instead
+    return run if state.is_main_process else _joined_run(out)
+
+
+def _joined_run(out: str | Path) -> RunDir:
+    """The run directory the main process opened, as another process sees it (never opened a second time)."""
+    run = RunDir(Path(out).expanduser())
+    if not run.config_path.exists():
+        raise CrossrouteError(f"{run.root}: no run.yaml after the main process opened the run; --out must be on a "
+                              "filesystem every node shares.")
+    return run
 
 
 def run_training(cfg: TrainConfig, out: str | Path) -> dict[str, Any]:
@@ -237,12 +315,13 @@ def run_training(cfg: TrainConfig, out: str | Path) -> dict[str, Any]:
         pinned = pin_eval_sets(run.root, list(cfg.built_domains().values()), cfg.eval_n)
     results = []
     for k in cfg.seeds:
-        console.print(f"[bold]seed {k}[/bold] ({cfg.seeds.index(k) + 1}/{len(cfg.seeds)})")
+        _say(cfg, f"[bold]seed {k}[/bold] ({cfg.seeds.index(k) + 1}/{len(cfg.seeds)})")
         one = cfg.model_copy(update={"seed": k, "seeds": None})
         one._built = {d.name: d for d in pinned}  # every seed scores the parent run's pinned prompts
         results.append(_run_one(one, run.root / "seeds" / str(k)))
     result = aggregate_seeds(results, list(cfg.seeds), [s.domain for s in cfg.stages])
-    run.write_result("forgetting", result)
+    if _dist_state(cfg).is_main_process:
+        run.write_result("forgetting", result)
     return result
 
 
@@ -276,6 +355,7 @@ def aggregate_seeds(results: list[dict[str, Any]], seeds: list[int], trained: li
 
 def _run_one(cfg: TrainConfig, out: str | Path) -> dict[str, Any]:
     """One seed's sequence and refresh (resumable); returns the forgetting results written to results/."""
+    _dist_state(cfg)  # the process group first: on CPU, accelerate may set torch's threads when it creates it
     configure_threads(cfg.threads)
     base = check_checkpoint_dir(cfg.model)
     if cfg.judge is not None:
@@ -293,9 +373,9 @@ def _run_one(cfg: TrainConfig, out: str | Path) -> dict[str, Any]:
         init = last_seq if name.startswith("refresh_") else prev
         ckpt = run.checkpoint(name)
         if run.has_checkpoint(name):
-            console.print(f"[dim]stage {name}: done, skipped[/dim]")
+            _say(cfg, f"[dim]stage {name}: done, skipped[/dim]")
         else:
-            console.print(f"[bold]stage {i + 1}/{len(stages)}: {name}[/bold] ({st.steps} GRPO steps on {st.domain})")
+            _say(cfg, f"[bold]stage {i + 1}/{len(stages)}: {name}[/bold] ({st.steps} GRPO steps on {st.domain})")
             _run_stage(cfg, st, name, init, run, by_name[st.domain])
         evals.append(_evaluate_checkpoint(run, name, ckpt, cfg, domains))
         prev = ckpt
@@ -308,7 +388,8 @@ def _run_one(cfg: TrainConfig, out: str | Path) -> dict[str, Any]:
               "ci": [[e.get("ci", {}).get(d) for d in cfg.domain_names] for e in evals],
               **forgetting_summary(rows, matrix, cfg.domain_names, trained, refresh_row),
               "paired": paired_summary(rows, per_row, cfg.domain_names, trained, refresh_row)}
-    run.write_result("forgetting", result)
+    if _dist_state(cfg).is_main_process:
+        run.write_result("forgetting", result)
     return result
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -18,7 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from crossroute.core.atomic import atomic_write_text
+from crossroute.core.atomic import atomic_write_text, finite_or_none
 from crossroute.core.console import progress_bar
 from crossroute.core.errors import CrossrouteError
 from crossroute.domains.base import Example
@@ -26,7 +27,7 @@ from crossroute.domains.domain import Domain
 from crossroute.measure.backends import Generator, VllmGenerator, resolve_backend
 from crossroute.measure.batches import collate, encode_answer
 from crossroute.measure.stats import mean_ci
-from crossroute.model.load import load_model, load_tokenizer
+from crossroute.model.load import check_checkpoint_dir, load_model, load_tokenizer
 
 N_SAMPLES = 5  # records shown in scores.json / the report; every record goes to the JSONL
 EVAL_SEED = 0  # which held-out prompts are drawn: fixed, so eval prompts never depend on a training seed
@@ -229,6 +230,27 @@ def record_example(rec: dict[str, Any]) -> Example:
                    f"record {rec.get('index', '?')}")
 
 
+def check_context(model: PreTrainedModel | None, domain: Domain, examples: list[Example], ids: list[list[int]],
+                  budget: int) -> None:
+    """Refuse a prompt that fills the model's context (nothing could be generated), naming the example; warn once
+    when prompt plus budget runs past it (generation goes beyond the trained positions)."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not limit:
+        return
+    over = None
+    for e, row in zip(examples, ids, strict=True):
+        if len(row) >= limit:
+            where = e.where or (e.id and f"id {e.id}") or repr(e.prompt[:40])
+            raise CrossrouteError(f"domain {domain.name}: {where}: the prompt is {len(row)} tokens, the model's "
+                                  f"context {limit}; shorten the prompt or use a model with a longer context.")
+        if over is None and len(row) + budget > limit:
+            over = len(row)
+    if over is not None:
+        warnings.warn(f"domain {domain.name}: a {over}-token prompt plus the {budget}-token budget runs past the "
+                      f"model's context of {limit}; generations that long go beyond its trained positions.",
+                      stacklevel=2)
+
+
 def evaluate_domain(
     model: PreTrainedModel | None,
     tokenizer: PreTrainedTokenizerBase,
@@ -251,6 +273,7 @@ def evaluate_domain(
     budget = proto.max_new_tokens.get(domain.name, domain.max_new_tokens)
     examples = domain.examples("eval", n, seed=seed)
     ids = [domain.prompt_ids(e, tokenizer) for e in examples]
+    check_context(model, domain, examples, ids, budget)
     if proto.k == 1 and proto.temperature == 0:
         samples_per = [[c] for c in generator.greedy(ids, budget)]
     else:
@@ -330,6 +353,7 @@ def evaluate_checkpoint(path: str | Path, domains: list[Domain], n: int, protoco
         loaded = load_model(path, dtype=DTYPES[protocol.dtype])
         return evaluate_all(loaded.model, loaded.tokenizer, domains, n=n, protocol=protocol,
                             show_progress=show_progress), backend
+    check_checkpoint_dir(path)  # the checks load_model runs, before vLLM sees the files
     gen = VllmGenerator(path, dtype=protocol.dtype, seed=protocol.sample_seed)
     try:
         if protocol.p_ref:
@@ -353,5 +377,6 @@ def scores_json(scores: dict[str, DomainScore]) -> dict[str, Any]:
 
 def write_records(path: str | Path, scores: dict[str, DomainScore]) -> Path:
     """Every evaluated example of every domain as one JSON line each, written atomically."""
-    lines = [json.dumps(r, ensure_ascii=False) for s in scores.values() for r in s.records]
+    lines = [json.dumps(finite_or_none(r), ensure_ascii=False, allow_nan=False) for s in scores.values()
+             for r in s.records]
     return atomic_write_text(path, "\n".join(lines) + ("\n" if lines else ""))

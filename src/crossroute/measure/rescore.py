@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from crossroute.core.atomic import atomic_write_text
+from crossroute.core.atomic import atomic_write_text, finite_or_none
 from crossroute.core.errors import CrossrouteError
 from crossroute.domains.domain import Domain
 from crossroute.domains.jsonl import iter_jsonl
@@ -53,4 +53,5 @@ def rescore(records: list[dict[str, Any]], domain: Domain, where: str = "records
 
 def write_rescored(path: str | Path, records: list[dict[str, Any]]) -> Path:
     """The re-scored records, one JSON object per line, written atomically."""
-    return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    lines = [json.dumps(finite_or_none(r), ensure_ascii=False, allow_nan=False) + "\n" for r in records]
+    return atomic_write_text(path, "".join(lines))

@@ -26,7 +26,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from crossroute.analyze.forgetting import per_example_scores
-from crossroute.core.config import load_yaml_mapping, validate_config
+from crossroute.core.config import MAX_EVAL_N, MAX_TRAIN_PROMPTS, load_yaml_mapping, validate_config
 from crossroute.core.console import console
 from crossroute.core.rundir import RunDir, open_run
 from crossroute.core.threads import configure_threads
@@ -62,9 +62,9 @@ class CpiftConfig(BaseModel):
     # not declared here is resolved as a built-in name, a file or NAME=PATH.
     domains: dict[str, DomainSpec | str] = Field(default_factory=dict)
     tasks: list[str] = Field(default_factory=lambda: ["math", "code", "qa", "cw"])
-    eval_n: int = Field(100, gt=0)
+    eval_n: int = Field(100, gt=0, le=MAX_EVAL_N)
     eval: EvalProtocol = Field(default_factory=EvalProtocol)
-    train_prompts: int = Field(2000, gt=0)
+    train_prompts: int = Field(2000, gt=0, le=MAX_TRAIN_PROMPTS)
     seed: int = 0
     threads: int | None = Field(None, gt=0)
     steps: int = Field(40, gt=0, description="SFT steps per task (probes, sequential stages); mixed gets steps x tasks")
@@ -115,7 +115,7 @@ def parse_cpift_config(raw: dict[str, Any], where: str = "config") -> CpiftConfi
     """Validate a mapping (pydantic, then the SFTConfig it implies); errors name the field."""
     cfg = validate_config(CpiftConfig, raw, where, "tasks")
     make_sft_config(sft_kwargs(cfg.sft, cfg.steps, tempfile.gettempdir(), cfg.seed, cfg.learning_rate,
-                               cfg.batch_size), where)
+                               cfg.batch_size, where=f"{where}: sft"), where)
     return cfg
 
 

@@ -28,8 +28,10 @@ Modes (one per stage, `protect:` in the stage's YAML):
   gradient of ½ · strength · Σ_u w_u ‖θ_u − θ0_u‖²; w_u = score_u / mean(score over the set).
   It is added after TRL's gradient clipping, so it is not clipped.
 
-The callback keeps a reference to the (unwrapped) model it was built for: single-process training
-(CPU or one GPU). Sharded setups (ZeRO-3/FSDP) are not supported.
+The callback keeps a reference to the (unwrapped) model it was built for: one process (CPU or one GPU), or
+data-parallel processes that each hold the whole model (DDP, ZeRO-1/2), where every process selects the same units
+from the same weights and probes and edits its own replica after the gradients were averaged. Sharded parameters
+(ZeRO-3, FSDP) are refused when the stage starts (`check_whole_parameters`).
 """
 
 from __future__ import annotations
@@ -196,6 +198,16 @@ def anchor_grad(params: dict[str, torch.Tensor], theta0: dict[str, torch.Tensor]
 # ----------------------------------------------------------------------------- the callback
 
 
+def check_whole_parameters(model: torch.nn.Module) -> None:
+    """Refuse a model whose parameters are sharded across processes (DeepSpeed ZeRO-3, FSDP): protect edits slices
+    of whole parameters, which a process holding a shard does not have."""
+    for name, p in model.named_parameters():
+        if hasattr(p, "ds_id") or (p.requires_grad and p.numel() == 0) or type(p.data).__name__ == "DTensor":
+            raise CrossrouteError(f"protect: parameter {name!r} is sharded across processes (ZeRO-3 or FSDP); "
+                                  "protect needs whole parameters on every process: train this stage with ZeRO-2, "
+                                  "DDP or one process.")
+
+
 class ProtectCallback(TrainerCallback):
     """Applies a ProtectConfig to `model` during a Trainer/GRPOTrainer run (module docstring)."""
 
@@ -227,6 +239,7 @@ class ProtectCallback(TrainerCallback):
     # -- setup
     def setup(self) -> None:
         t0 = time.perf_counter()
+        check_whole_parameters(self.model)
         n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         norm = self.lr * self.steps * math.sqrt(n_train)
         self.protected, self.delta, self.batches = select_protected(

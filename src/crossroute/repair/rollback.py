@@ -35,6 +35,7 @@ import torch
 from crossroute.analyze.damage import attribution, param_delta, torch_threads
 from crossroute.analyze.forgetting import PerExample, per_example_scores
 from crossroute.analyze.subspace import shared_units
+from crossroute.core.atomic import check_output_dir
 from crossroute.core.errors import CrossrouteError
 from crossroute.core.rundir import RunDir, result_name
 from crossroute.domains.domain import Domain
@@ -236,6 +237,8 @@ def rollback_sweep(
         raise CrossrouteError(f"unknown selector {unknown[0]!r}; use {', '.join(SELECTORS)}.")
     if not fractions or any(not 0 < f <= 100 for f in fractions):
         raise CrossrouteError("rollback fractions must be percentages in (0, 100].")
+    if save_best is not None:
+        check_output_dir(save_best)  # a refused output fails now, not after the sweep
     dev = default_device(device)
     da = get_domain(domain_a) if isinstance(domain_a, str) else domain_a
     dos = [d for d in as_domains(others) if d.name != da.name]

@@ -21,7 +21,8 @@ def scores_table(title: str, rows: dict[str, dict[str, float]], columns: list[st
                 cells.append("-")
                 continue
             bounds = (ci or {}).get(name, {}).get(c)
-            cells.append(f"{scores[c]:.2f} [{bounds[0]:.1f}, {bounds[1]:.1f}]" if bounds else f"{scores[c]:.2f}")
+            ok = bounds and bounds[0] is not None and bounds[1] is not None
+            cells.append(f"{scores[c]:.2f} [{bounds[0]:.1f}, {bounds[1]:.1f}]" if ok else f"{scores[c]:.2f}")
         t.add_row(name, *cells)
     return t
 

@@ -10,6 +10,11 @@ from matplotlib.figure import Figure
 from crossroute.report.plots import fig_to_img_tag
 
 
+def num(v: Any) -> float:
+    """A JSON number as a float; null (an undefined value, e.g. the CI of zero examples) as NaN."""
+    return float("nan") if v is None else float(v)
+
+
 def table(header: list[str], rows: list[list[Any]]) -> str:
     """An HTML table; floats print with two decimals."""
 
@@ -53,9 +58,9 @@ def interval_plot(labels: list[str], figures: list[dict[str, Any]], title: str, 
     Each figure is a paired_diff JSON (value, lo, hi)."""
     fig = Figure(figsize=(max(4.0, 0.9 * len(labels) + 2), 3.2))
     ax = fig.add_subplot()
-    vals = [float(f["value"]) for f in figures]
-    lo = [float(f["lo"]) for f in figures]
-    hi = [float(f["hi"]) for f in figures]
+    vals = [num(f["value"]) for f in figures]
+    lo = [num(f["lo"]) for f in figures]
+    hi = [num(f["hi"]) for f in figures]
     xs = list(range(len(labels)))
     ax.errorbar(xs, vals, yerr=[[max(0.0, v - a) for v, a in zip(vals, lo, strict=True)],
                                 [max(0.0, b - v) for v, b in zip(vals, hi, strict=True)]],

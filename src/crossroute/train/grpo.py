@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,14 +14,60 @@ import torch
 from crossroute.core.errors import CrossrouteError
 from crossroute.model.load import load_model, load_tokenizer, save_model
 
-# GRPOConfig fields crossroute sets itself (per stage / per device); users may not override them.
-RESERVED_GRPO = {"output_dir", "max_steps", "seed", "report_to", "save_strategy", "use_cpu"}
+# GRPOConfig fields crossroute sets itself (or that its per-stage loop makes moot), each with the reason a user's
+# value is refused: a setting is never silently overridden.
+RESERVED_GRPO: dict[str, str] = {
+    "output_dir": "set by crossroute (a stage trains in RUN/.work/<stage> and is saved to RUN/checkpoints/<stage>)",
+    "max_steps": "set by crossroute from the stage's steps",
+    "num_train_epochs": "set by crossroute: the stage's steps give its length",
+    "seed": "set by crossroute from the run's seed (or seeds)",
+    "report_to": "set by crossroute (the reward log goes to RUN/results/train_<stage>.json)",
+    "save_strategy": "set by crossroute, which saves each stage's checkpoint itself",
+    "save_steps": "set by crossroute, which saves each stage's checkpoint itself",
+    "save_total_limit": "set by crossroute, which saves each stage's checkpoint itself",
+    "save_only_model": "set by crossroute, which saves each stage's checkpoint itself",
+    "use_cpu": "set by crossroute: CPU exactly when no CUDA device is visible (hide GPUs with CUDA_VISIBLE_DEVICES=)",
+    "resume_from_checkpoint": "set by crossroute: a rerun resumes at the first unfinished stage",
+    "push_to_hub": "crossroute never contacts a model hub",
+}
+# Fields of the run's one process group (created once, before the first stage): a stage's own value would be ignored.
+RUN_ONLY_GRPO: dict[str, str] = {
+    "ddp_backend": "one process group serves every stage, so a stage's own value would be ignored; move it to the "
+                   "run's top-level grpo:",
+    "ddp_timeout": "one process group serves every stage, so a stage's own value would be ignored; move it to the "
+                   "run's top-level grpo:",
+}
+# Fields crossroute turns off on a CPU-only machine (no bf16, no activation checkpointing: DESIGN.md section 4).
+CPU_OFF = ("bf16", "gradient_checkpointing", "activation_checkpointing")
+
+
+def reserved_grpo_error(given: dict[str, Any], where: str, stage: bool = True) -> str | None:
+    """The one-line refusal of the first reserved field in a `grpo:` mapping (`where`: e.g. `stages[1].grpo`);
+    `stage`: a stage's own mapping, where the run-wide fields (RUN_ONLY_GRPO) are refused too."""
+    reserved = {**{k: f"{v}; remove it" for k, v in RESERVED_GRPO.items()}, **(RUN_ONLY_GRPO if stage else {})}
+    key = next((k for k in reserved if k in given), None)
+    return None if key is None else f"{where}.{key}: {reserved[key]}"
+
+
+def warn_cpu_overrides(given: dict[str, Any], where: str, cuda: bool | None = None) -> list[str]:
+    """Warn (one line per field) about `grpo:` values crossroute turns off because no CUDA device is visible."""
+    if torch.cuda.is_available() if cuda is None else cuda:
+        return []
+    lines = [f"{where}.{k}: {given[k]!r} has no effect here: no CUDA device is visible, so crossroute trains in "
+             "fp32 without activation checkpointing" for k in CPU_OFF if given.get(k)]
+    for line in lines:
+        warnings.warn(line, UserWarning, stacklevel=2)
+    return lines
 
 
 def grpo_kwargs(run_grpo: dict[str, Any], stage_grpo: dict[str, Any], steps: int, seed: int,
                 output_dir: str) -> dict[str, Any]:
     """GRPOConfig arguments for a stage: crossroute's defaults, the run's `grpo:`, the stage's `grpo:`, then
-    crossroute's own fields (RESERVED_GRPO)."""
+    crossroute's own fields; a user value for one of those (RESERVED_GRPO) is refused."""
+    for given, where, stage in ((run_grpo, "grpo", False), (stage_grpo, "stage grpo", True)):
+        err = reserved_grpo_error(given, where, stage)
+        if err:
+            raise CrossrouteError(err)
     kw: dict[str, Any] = {
         "num_generations": 8,
         "per_device_train_batch_size": 64,
@@ -35,7 +82,7 @@ def grpo_kwargs(run_grpo: dict[str, Any], stage_grpo: dict[str, Any], steps: int
     kw.update({"output_dir": output_dir, "max_steps": steps, "seed": seed, "report_to": [],
                "save_strategy": "no"})
     if not torch.cuda.is_available():
-        # CPU: no bf16, no gradient checkpointing (DESIGN.md section 4).
+        # CPU: no bf16, no gradient checkpointing (DESIGN.md section 4); warn_cpu_overrides names a user's value.
         kw.update({"use_cpu": True, "bf16": False})
         for key in ("gradient_checkpointing", "activation_checkpointing"):
             if key in kw:

@@ -14,22 +14,54 @@ import random
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from crossroute.core.atomic import temp_prefix
 from crossroute.core.errors import CrossrouteError
 from crossroute.domains.domain import Domain
 from crossroute.model.load import load_model, save_model
 
-# SFTConfig fields crossroute sets itself; users may not override them.
-RESERVED_SFT = {"output_dir", "max_steps", "seed", "report_to", "save_strategy", "use_cpu"}
+# SFTConfig fields crossroute sets itself (or makes moot), each with the reason a user's `sft:` value is refused.
+RESERVED_SFT: dict[str, str] = {
+    "output_dir": "set by crossroute (a temporary directory beside the checkpoint)",
+    "max_steps": "set by crossroute from the config's steps (pipeline_steps for CPI-FT's pipeline)",
+    "num_train_epochs": "set by crossroute: the config's steps give the length",
+    "seed": "set by crossroute from the config's seed",
+    "report_to": "set by crossroute (the loss log goes to the run's results)",
+    "save_strategy": "set by crossroute, which saves each checkpoint itself",
+    "save_steps": "set by crossroute, which saves each checkpoint itself",
+    "save_total_limit": "set by crossroute, which saves each checkpoint itself",
+    "save_only_model": "set by crossroute, which saves each checkpoint itself",
+    "use_cpu": "set by crossroute: CPU exactly when no CUDA device is visible (hide GPUs with CUDA_VISIBLE_DEVICES=)",
+    "resume_from_checkpoint": "set by crossroute: a rerun resumes from its finished checkpoints",
+    "push_to_hub": "crossroute never contacts a model hub",
+}
+# SFTConfig fields with a field of their own in the config: set by `lr` / `batch_size` when those are given.
+EXPLICIT_SFT: dict[str, str] = {"learning_rate": "learning_rate", "per_device_train_batch_size": "batch_size"}
+CPU_OFF_SFT = ("bf16", "gradient_checkpointing")  # turned off on a CPU-only machine
+
+
+def reserved_sft_error(overrides: dict[str, Any], where: str = "sft", lr: float | None = None,
+                       batch_size: int | None = None) -> str | None:
+    """The one-line refusal of the first `sft:` field crossroute sets itself, or one the config's own field sets."""
+    key = next((k for k in RESERVED_SFT if k in overrides), None)
+    if key is not None:
+        return f"{where}.{key}: {RESERVED_SFT[key]}; remove it"
+    given = {"learning_rate": lr, "per_device_train_batch_size": batch_size}
+    key = next((k for k in EXPLICIT_SFT if k in overrides and given[k] is not None), None)
+    if key is not None:
+        return f"{where}.{key}: set by the config's own {EXPLICIT_SFT[key]}: field; set it there and remove it here"
+    return None
 
 
 def sft_kwargs(overrides: dict[str, Any] | None, steps: int, output_dir: str, seed: int,
-               lr: float | None = None, batch_size: int | None = None) -> dict[str, Any]:
-    """SFTConfig arguments: crossroute's defaults, then `overrides`, then the explicit arguments."""
+               lr: float | None = None, batch_size: int | None = None, where: str = "sft") -> dict[str, Any]:
+    """SFTConfig arguments: crossroute's defaults, then `overrides`, then the explicit arguments; an override that
+    one of those would replace is refused (`where` names the mapping in the error), never silently ignored."""
     kw: dict[str, Any] = {
         "per_device_train_batch_size": 32,
         "learning_rate": 1e-4,
@@ -41,16 +73,20 @@ def sft_kwargs(overrides: dict[str, Any] | None, steps: int, output_dir: str, se
         "completion_only_loss": True,
         "dataloader_num_workers": 0,
     }
+    err = reserved_sft_error(overrides or {}, where, lr, batch_size)
+    if err:
+        raise CrossrouteError(err)
     kw.update(overrides or {})
-    bad = sorted(RESERVED_SFT & set(overrides or {}))
-    if bad:
-        raise CrossrouteError(f"sft.{bad[0]}: set by crossroute itself; remove it from the config.")
     if lr is not None:
         kw["learning_rate"] = lr
     if batch_size is not None:
         kw["per_device_train_batch_size"] = batch_size
     kw.update({"output_dir": output_dir, "max_steps": steps, "seed": seed, "report_to": [], "save_strategy": "no"})
     if not torch.cuda.is_available():
+        for key in CPU_OFF_SFT:
+            if (overrides or {}).get(key):
+                warnings.warn(f"{where}.{key}: {overrides[key]!r} has no effect here: no CUDA device is visible, so "
+                              "crossroute trains in fp32 without gradient checkpointing", UserWarning, stacklevel=2)
         kw.update({"use_cpu": True, "bf16": False, "gradient_checkpointing": False})
     return kw
 
@@ -163,7 +199,8 @@ def sft_train(
         raise CrossrouteError("sft: at least one domain to train on.")
     datasets.disable_progress_bars()
     out = Path(out)
-    work = Path(tempfile.mkdtemp(prefix=".sft.", dir=out.parent if out.parent.exists() else None))
+    work = Path(tempfile.mkdtemp(prefix=temp_prefix("sft"), suffix=".tmp",
+                                 dir=out.parent if out.parent.exists() else None))  # a killed SFT's dir is tidied
     try:
         args = make_sft_config(sft_kwargs(sft, steps, str(work), seed, lr, batch_size), "sft")
         loaded = load_model(model_path)

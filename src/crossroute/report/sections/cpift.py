@@ -11,7 +11,7 @@ from crossroute.report.registry import register_section
 
 def render_cpift_section(result: dict[str, Any]) -> str:
     """HTML <section> for results/cpift.json: method table, core overlap heat map, groups, fusion stats."""
-    from crossroute.report.html import interval_plot, section, table
+    from crossroute.report.html import interval_plot, num, section, table
     from crossroute.report.plots import heatmap
 
     doms = result["domains"]
@@ -45,8 +45,8 @@ def render_cpift_section(result: dict[str, Any]) -> str:
         figs = [v for per in vs.values() for v in per.values()]
         body += interval_plot(labels, figs, "CPI-FT minus baseline", "points")
         body += table(["baseline", "task", "difference", "CI low", "CI high", "p", "n"],
-                      [[m, t, f"{v['value']:+.2f}{'*' if v.get('significant') else ''}", float(v["lo"]),
-                        float(v["hi"]), float(v["p"]), v["n"]] for m, per in vs.items() for t, v in per.items()])
+                      [[m, t, f"{v['value']:+.2f}{'*' if v.get('significant') else ''}", num(v["lo"]),
+                        num(v["hi"]), num(v["p"]), v["n"]] for m, per in vs.items() for t, v in per.items()])
     body += heatmap(core["jaccard"], doms, doms, f"Jaccard of core regions (τ = {core['tau']:g})")
     body += ("<p>Groups: " + " | ".join(html.escape("+".join(g)) for g in core["groups"])
              + f". Transplanted {fz['transplanted']} entries; {fz['collisions']} lay in two or more cores "

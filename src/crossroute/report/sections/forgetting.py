@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 
 from crossroute.core.rundir import RunDir
-from crossroute.report.html import interval_plot, line_plot, section, table
+from crossroute.report.html import interval_plot, line_plot, num, section, table
 from crossroute.report.plots import heatmap
 from crossroute.report.registry import register_section
 
@@ -41,7 +41,7 @@ def render(run: RunDir) -> str | None:
         body += interval_plot(labels, figs, "paired differences", "points")
         body += table(["domain", "from", "to", "forgetting", "CI low", "CI high", "p", "n"],
                       [[d, v["from"], v["to"], f"{v['value']:+.2f}{'*' if v.get('significant') else ''}",
-                        float(v["lo"]), float(v["hi"]), float(v["p"]), v["n"]] for d, v in pf.items()])
+                        num(v["lo"]), num(v["hi"]), num(v["p"]), v["n"]] for d, v in pf.items()])
     body += (f"<p>Backward transfer {res['backward_transfer']:.2f}; average over domains "
              f"{res['average_base']:.2f} (base) -> {res['average_final']:.2f} (end of sequence). "
              "Own-stage gains: " + ", ".join(f"{k} {v:+.2f}" for k, v in res["own_stage_gain"].items()) + ".</p>")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from crossroute.core.rundir import RunDir
-from crossroute.report.html import interval_plot, section, table
+from crossroute.report.html import interval_plot, num, section, table
 from crossroute.report.registry import register_section
 
 
@@ -35,6 +35,6 @@ def render(run: RunDir) -> str | None:
         body += interval_plot(list(vs[end]), list(vs[end].values()), f"protected minus unprotected at {end}",
                               "points")
         body += table(["domain", "difference", "CI low", "CI high", "p", "n"],
-                      [[d, f"{v['value']:+.2f}{'*' if v.get('significant') else ''}", float(v["lo"]), float(v["hi"]),
-                        float(v["p"]), v["n"]] for d, v in vs[end].items()])
+                      [[d, f"{v['value']:+.2f}{'*' if v.get('significant') else ''}", num(v["lo"]), num(v["hi"]),
+                        num(v["p"]), v["n"]] for d, v in vs[end].items()])
     return section("Prevention: protected sequence vs unprotected", body)

@@ -44,7 +44,8 @@ def render_rollback_section(result: dict) -> str:
             xs = [p["fraction"] for p in mine]
             ys = [float("nan") if p["recovery"] is None else p["recovery"] for p in mine]
             ci = [(p.get("change") or {}).get(result.get("domain")) for p in mine]
-            if gap > 0 and all(c is not None for c in ci):  # the paired CI of A's change, on the recovery scale
+            defined = all(c is not None and c.get("lo") is not None and c.get("hi") is not None for c in ci)
+            if gap > 0 and defined:  # the paired CI of A's change, on the recovery scale
                 yerr = [[max(0.0, y - c["lo"] / gap) for y, c in zip(ys, ci, strict=True)],
                         [max(0.0, c["hi"] / gap - y) for y, c in zip(ys, ci, strict=True)]]
                 ax.errorbar(xs, ys, yerr=yerr, marker="o", capsize=3, label=sel)
