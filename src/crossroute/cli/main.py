@@ -275,6 +275,10 @@ def eval_cmd(
                                   "directory written by train, cpift or rollback, or drop the domain.")
     short = check_eval_rows(doms, n)
     path = resolve_model_path(model)
+    from crossroute.io.integrity import check_weights
+    from crossroute.model.load import check_checkpoint_dir
+
+    check_weights(check_checkpoint_dir(path))  # NaN/inf or corrupt weights fail before the run directory exists
     check_prompt_lengths(path, doms, n)
     warn_short(short, n, "--n")
     run = open_run(out, {"model": str(path), "domains": [d.name for d in doms], "n": n,

@@ -23,7 +23,7 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         except json.JSONDecodeError as e:
             raise CrossrouteError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno}).") from None
         except RecursionError:
-            raise CrossrouteError(f"{path}:{lineno}: JSON nested too deeply to read; flatten the row.") from None
+            raise CrossrouteError(f"{path}:{lineno}: nested too deeply to read as JSON; flatten the row.") from None
         if not isinstance(obj, dict):
             raise CrossrouteError(f"{path}:{lineno}: expected a JSON object with a 'prompt' field.")
         yield lineno, obj
