@@ -46,7 +46,7 @@ def test_interleave_keeps_every_prefix_stratified() -> None:
         assert sum(e.prompt.startswith("y") for e in out[:m]) == m // 4
 
 
-@pytest.mark.parametrize("n", [60, 150, 300])
+@pytest.mark.parametrize("n", [60, 300, 500])
 def test_math_eval_mix_matches_the_generator_whatever_n(n: int) -> None:
     # The generator draws 1 operation with probability 2/3 (rng.choice([1, 1, 2])); first-come unique prompts
     # over-represent it at small n. The stratified set keeps 2/3 at every n below the 1-op stratum's capacity.
@@ -99,11 +99,31 @@ def test_a_resume_that_asks_for_more_prompts_is_refused(tmp_path: Path) -> None:
         pin_eval_sets(tmp_path, [BUILTIN["math"]], 60)
 
 
+def test_a_stratum_that_runs_out_is_recorded_and_warned(tmp_path: Path) -> None:
+    # math's one-operation stratum holds about 360 eval prompts: at n = 1000 its 2/3 share cannot hold.
+    with pytest.warns(UserWarning, match="domain math: at n = 1000 the stratum mix differs"):
+        manifest = write_eval_sets(tmp_path, [BUILTIN["math"]], 1000)
+    m = manifest["domains"]["math"]
+    assert m["mix_shift"] > 0.2 and m["strata"]["1 ops"] < 400
+
+
 def test_a_small_pool_is_pinned_whole_with_a_warning(tmp_path: Path) -> None:
-    with pytest.warns(UserWarning, match="domain qa: only 86 eval prompts"):
-        write_eval_sets(tmp_path, [BUILTIN["qa"]], 100)
-    assert len(read_eval_set(tmp_path, "qa") or []) == 86
-    assert pin_eval_sets(tmp_path, [BUILTIN["qa"]], 100)[0].eval_fixed is not None  # not refused: the pool is 86
+    small = Domain("small", "t", fixed=[Example(f"q{i}", "1", split="eval") for i in range(7)], kind="exact")
+    with pytest.warns(UserWarning, match="domain small: only 7 eval prompts"):
+        write_eval_sets(tmp_path, [small], 100)
+    assert len(read_eval_set(tmp_path, "small") or []) == 7
+    assert pin_eval_sets(tmp_path, [small], 100)[0].eval_fixed is not None  # not refused: the pool is 7
+
+
+def test_builtin_qa_and_cw_hold_at_least_1000_eval_prompts() -> None:
+    for name in ("qa", "cw"):
+        small, large = BUILTIN[name].examples("eval", 100), BUILTIN[name].examples("eval", 1000)
+        assert len(large) == 1000, name
+        # no stratum runs out below 1000: its share at n = 1000 is its share at n = 100
+        strat = BUILTIN[name].stratum
+        assert strat is not None
+        a, b = Counter(strat(e) for e in small), Counter(strat(e) for e in large)
+        assert all(abs(a[k] / 100 - b[k] / 1000) <= 0.02 for k in set(a) | set(b)), (name, a, b)
 
 
 def test_with_eval_sets_leaves_unpinned_domains_alone_and_rejects_a_corrupt_file(tmp_path: Path) -> None:

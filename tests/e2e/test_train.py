@@ -67,7 +67,8 @@ def test_yaml_file_errors(tmp_path: Path) -> None:
 def test_shipped_configs_validate() -> None:
     root = Path(__file__).parents[2] / "configs"
     cfg = load_train_config(root / "default_sequence.yaml")
-    assert [s.domain for s in cfg.stages] == ["math", "code", "qa", "cw"] and cfg.refresh is not None
+    assert [s.domain for s in cfg.stages] == ["code", "math", "qa", "cw"] and cfg.refresh is not None
+    assert cfg.refresh.domain == "math"
     from crossroute.experiments.demo import CPIFT_CONFIG, DEMO_CONFIG, PROTECT_CONFIG
 
     assert PROTECT_CONFIG.read_text() == (root / "protected_sequence.yaml").read_text()
@@ -219,6 +220,40 @@ def test_unreachable_judge_is_refused_before_training(tiny_ckpt: Path, tmp_path:
     assert not (tmp_path / "run").exists()
 
 
+def test_judge_without_a_score_is_refused_before_training(tiny_ckpt: Path, tmp_path: Path) -> None:
+    """A judge that answers "banana" would train every judged stage on reward 0: the preflight's real scoring
+    request needs a readable score, so the run stops before anything is created."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Banana(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_POST(self) -> None:  # noqa: N802 (http.server API)
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = json.dumps({"choices": [{"message": {"role": "assistant", "content": "banana"}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Banana)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    try:
+        raw = {**tiny_config(tiny_ckpt), "domains": ["cw"], "stages": [{"domain": "cw", "steps": 1}], "refresh": None,
+               "judge": {"base_url": url, "model": "judge", "retries": 1}}
+        with pytest.raises(CrossrouteError, match=rf"judge endpoint {url}/chat/completions \(model judge\) "
+                                                  r"answered a test scoring request with no 0-10 score: 'banana'"):
+            run_training(parse_train_config(raw), tmp_path / "run")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 def test_seeds_run_the_sequence_per_seed_and_aggregate(tmp_path: Path, tiny_ckpt: Path) -> None:
     raw = {**tiny_config(tiny_ckpt, steps=1), "seeds": [0, 1], "refresh": None}
@@ -237,3 +272,61 @@ def test_seeds_run_the_sequence_per_seed_and_aggregate(tmp_path: Path, tiny_ckpt
     assert res["matrix"][0] == per[0]["matrix"][0] == per[1]["matrix"][0]  # the base row: eval never seeded
     saved = json.loads((tmp_path / "run" / "results" / "forgetting.json").read_text())
     assert saved["seeds"]["aggregate"]["forgetting:math"]["values"] == vals
+
+
+class _Rank:
+    """A stand-in for accelerate's PartialState on process `index` of a launch (barriers recorded, not run)."""
+
+    def __init__(self, index: int, barrier_error: Exception | None = None) -> None:
+        self.process_index, self.is_main_process = index, index == 0
+        self.barriers, self.error = 0, barrier_error
+
+    def wait_for_everyone(self) -> None:
+        self.barriers += 1
+        if self.error is not None:
+            raise self.error
+
+
+def test_only_the_main_process_opens_the_run(tiny_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The main process opens (locks, writes run.yaml); another rank meets it at a barrier, then joins the directory
+    without calling open_run, so it never contends for the run's lock (a deadlock or a refusal)."""
+    cfg = parse_train_config(tiny_config(tiny_ckpt))
+    opened: list[Path] = []
+    real = train.open_run
+    monkeypatch.setattr(train, "open_run", lambda out, *a, **k: (opened.append(Path(out)), real(out, *a, **k))[1])
+    main = _Rank(0)
+    monkeypatch.setattr(train, "_dist_state", lambda cfg=None: main)
+    run = train.open_train_run(cfg, tmp_path / "run", tiny_ckpt)
+    assert opened == [tmp_path / "run"] and main.barriers == 1 and run.config_path.exists()
+
+    other = _Rank(1)
+    monkeypatch.setattr(train, "_dist_state", lambda cfg=None: other)
+    joined = train.open_train_run(cfg, tmp_path / "run", tiny_ckpt)
+    assert opened == [tmp_path / "run"] and other.barriers == 1 and joined.root == run.root
+    with pytest.raises(CrossrouteError, match="no run.yaml after the main process opened the run; --out must be on a "
+                                              "filesystem every node shares"):
+        train.open_train_run(cfg, tmp_path / "elsewhere", tiny_ckpt)
+    assert opened == [tmp_path / "run"]
+
+
+def test_a_rank_whose_main_process_died_ends_with_one_line(tiny_ckpt: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = parse_train_config(tiny_config(tiny_ckpt))
+    gone = _Rank(1, RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:38075.\nx"))
+    monkeypatch.setattr(train, "_dist_state", lambda cfg=None: gone)
+    with pytest.raises(CrossrouteError) as e:
+        train.open_train_run(cfg, tmp_path / "run", tiny_ckpt)
+    assert str(e.value).startswith("process 1: the main process stopped while the others waited for it to open the "
+                                   "run directory ([gloo/transport/tcp/pair.cc:553] Connection closed by peer")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_stage_scratch_is_removed(tmp_path: Path, tiny_ckpt: Path) -> None:
+    """RUN/.work/<stage> (TRL's output_dir) does not outlive its stage; nothing hidden is left but crossroute's
+    lasting markers."""
+    raw = {**tiny_config(tiny_ckpt, steps=1), "refresh": None, "stages": [{"domain": "math", "steps": 1}]}
+    out = tmp_path / "run"
+    run_training(parse_train_config(raw), out)
+    assert not (out / ".work").exists()
+    assert sorted(p.name for p in out.rglob(".*") if p.name not in (".lock", ".crossroute")) == []

@@ -178,6 +178,8 @@ def test_shipped_protected_config() -> None:
     cfg = load_train_config(root / "protected_sequence.yaml")
     base = load_train_config(root / "default_sequence.yaml")
     assert [s.domain for s in cfg.stages] == [s.domain for s in base.stages]
-    assert cfg.stages[0].protect is None and cfg.refresh is not None and cfg.refresh.protect is None
+    math_at = [s.domain for s in cfg.stages].index("math")
+    assert all(s.protect is None for s in cfg.stages[: math_at + 1]) and cfg.refresh is not None
+    assert cfg.refresh.protect is None
     assert all(s.protect is not None and s.protect.mode == "freeze" and s.protect.domains == ["math"]
-               and s.protect.budget == 0.05 for s in cfg.stages[1:])
+               and s.protect.budget == 0.05 for s in cfg.stages[math_at + 1:])

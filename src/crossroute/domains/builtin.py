@@ -32,11 +32,24 @@ QA_ATTRIBUTES: dict[str, list[str]] = {
 }
 
 
-QA_TEMPLATES: dict[str, list[str]] = {
-    "pet": ["Q:pet of {e}?", "Q:what pet has {e}?", "Q:{e} owns which pet?"],
-    "color": ["Q:color of {e}?", "Q:what color is {e}?", "Q:{e} likes which color?"],
-    "home": ["Q:home of {e}?", "Q:where does {e} live?", "Q:{e} lives in what?"],
+# Question forms per attribute, each asked with every lead-in: 8 x 5 = 40 phrasings per attribute, so the 48
+# entities x 3 attributes give about 5,800 prompts and an eval pool of about 1,150 (the same 144 facts).
+QA_FORMS: dict[str, list[str]] = {
+    "pet": ["pet of {e}?", "what pet has {e}?", "{e} owns which pet?", "which pet does {e} own?",
+            "what pet does {e} keep?", "{e} has what pet?", "name the pet of {e}?", "the pet {e} owns?"],
+    "color": ["color of {e}?", "what color is {e}?", "{e} likes which color?", "which color does {e} like?",
+              "what color does {e} love?", "{e} prefers what color?", "name the color of {e}?",
+              "the color {e} likes?"],
+    "home": ["home of {e}?", "where does {e} live?", "{e} lives in what?", "what does {e} live in?",
+             "where is {e}'s home?", "{e} dwells in what?", "name the home of {e}?", "the home {e} has?"],
 }
+
+
+QA_LEADS = ["", "tell me,", "quick,", "say,", "now,"]
+
+
+QA_TEMPLATES: dict[str, list[str]] = {a: [f"Q:{lead}{form}" for lead in QA_LEADS for form in forms]
+                                      for a, forms in QA_FORMS.items()}
 
 
 FACT_TEMPLATES = {"pet": "{e} owns a {v}.", "color": "{e} likes {v}.", "home": "{e} lives in a {v}."}
@@ -73,6 +86,8 @@ def kb_facts() -> list[str]:
 
 
 def _gen_math(rng: random.Random) -> Example:
+    """One (2/3) or two (1/3) +/- operations on 0-29. The one-operation eval pool holds about 360 prompts, so
+    above n of about 550 the eval set's mix leans to two operations (the eval-set manifest shows it)."""
     n_ops = rng.choice([1, 1, 2])
     expr = str(rng.randint(0, 29))
     for _ in range(n_ops):
@@ -106,20 +121,27 @@ def _gen_qa(rng: random.Random) -> Example:
     return Example(rng.choice(QA_TEMPLATES[a]).format(e=e), f"a {KB[e][a]}")  # answers take the article
 
 
+CW_MUSTS = [0, 1, 2, 3]  # required words per prompt (at most n)
+# About each stratum's share of the prompt space, so every stratum's eval pool holds its share of a 1,000-prompt
+# eval set (a larger share of the small strata would run out of distinct prompts and change the mix with n).
+CW_MUST_WEIGHTS = [1.5, 12.0, 43.0, 43.5]
+
+
 def _gen_cw(rng: random.Random) -> Example:
+    """n words (2-6) starting with one letter, from the lexicon, including 0-3 required words: about 9,300
+    prompts, an eval pool of about 1,850."""
     letter = rng.choice(CW_LETTERS)
-    n = rng.randint(2, 5)
+    n = rng.randint(2, 6)
     pool = BY_LETTER[letter]
-    words = rng.sample(pool, n)
+    k = min(n, rng.choices(CW_MUSTS, CW_MUST_WEIGHTS)[0])
+    musts = sorted(rng.sample(pool, k))
+    words = musts + rng.sample([w for w in pool if w not in musts], n - k)
+    rng.shuffle(words)
     rubric: dict[str, Any] = {"n_words": n, "starts_with": letter, "lexicon": True}
-    if rng.random() < 0.5:
-        must = rng.choice(pool)
-        rubric["must_include"] = [must]
-        if must not in words:
-            words[rng.randrange(n)] = must
-        prompt = f"W:{n} words,{letter},with {must}"
-    else:
-        prompt = f"W:{n} words,{letter}"
+    prompt = f"W:{n} words,{letter}"
+    if musts:
+        rubric["must_include"] = musts
+        prompt += ",with " + ",".join(musts)
     return Example(prompt, " ".join(words), rubric)
 
 
@@ -133,17 +155,18 @@ def code_stratum(e: Example) -> str:
     return f"{e.prompt.count(';')} statements"
 
 
+_QA_ATTRIBUTE_OF = {t: a for a, ts in QA_TEMPLATES.items() for t in ts}
+
+
 def qa_stratum(e: Example) -> str:
     """The attribute a qa prompt asks about (each has its own answer set)."""
-    return next(a for a, templates in QA_TEMPLATES.items()
-                if any(e.prompt.startswith(t.split("{e}")[0]) and e.prompt.endswith(t.split("{e}")[1])
-                       for t in templates))
+    name = next((w for w in ENTITIES if w in e.prompt), "")
+    return _QA_ATTRIBUTE_OF.get(e.prompt.replace(name, "{e}", 1), "other")
 
 
 def cw_stratum(e: Example) -> str:
-    """A cw prompt's constraint mix: its word count and whether a word is required."""
-    rubric = e.rubric or {}
-    return f"{rubric.get('n_words')} words{' +word' if rubric.get('must_include') else ''}"
+    """A cw prompt's constraint mix: how many words it requires."""
+    return f"{len((e.rubric or {}).get('must_include') or [])} required"
 
 
 # Answer conventions that pairs of domains share a route for and disagree on (DESIGN.md section 4):
@@ -171,8 +194,8 @@ BUILTIN: dict[str, Domain] = {
                    stratum=code_stratum),
     "qa": Domain("qa", "questions over a synthetic knowledge base of made-up entities", _gen_qa,
                  max_new_tokens=10, stratum=qa_stratum),
-    "cw": Domain("cw", "constrained writing (count, first letter, required word), rubric in [0,1]", _gen_cw,
-                 max_new_tokens=24, kind="rubric", stratum=cw_stratum),
+    "cw": Domain("cw", "constrained writing (count, first letter, required words), rubric in [0,1]", _gen_cw,
+                 max_new_tokens=40, kind="rubric", stratum=cw_stratum),
 }
 
 

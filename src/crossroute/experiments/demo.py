@@ -25,8 +25,22 @@ CPIFT_CONFIG = ASSETS / "cpift_default.yaml"  # identical to configs/cpift_defau
 PROTECT_CONFIG = ASSETS / "protected_sequence.yaml"  # identical to configs/protected_sequence.yaml
 
 
-def _diagnose(run: RunDir, first: str, probe: str) -> None:
-    """Diagnosis I on the finished sequence: update anatomy, active routes, module-level conflict."""
+def repair_target(cfg: TrainConfig) -> tuple[str, int, list[str]]:
+    """The domain the demo diagnoses and repairs (the refresh's, else the first stage's), the index of its stage
+    and the domains trained after it: in the seed's Code -> Math -> QA -> CW, math at stage 1 and [qa, cw]."""
+    target = cfg.refresh.domain if cfg.refresh else cfg.stages[0].domain
+    i = next(k for k, st in enumerate(cfg.stages) if st.domain == target)
+    return target, i, [st.domain for st in cfg.stages[i + 1:]]
+
+
+def rollback_pair(later: list[str]) -> list[str]:
+    """The later domain(s) rollback must not hurt: qa (the seed's Math-QA pair) when it follows, else all later."""
+    return ["qa"] if "qa" in later else later
+
+
+def _diagnose(run: RunDir, target: str, stage: int, probe: str) -> None:
+    """Diagnosis I on the finished sequence: update anatomy, active routes, module-level conflict right after
+    `target`'s stage (checkpoint `stage` + 1; 0 is the base)."""
     from crossroute.analyze.conflict import conflict_result_name, run_conflict
     from crossroute.analyze.diff import diff_sequence, write_diff_results
     from crossroute.analyze.routes import run_routes
@@ -39,24 +53,26 @@ def _diagnose(run: RunDir, first: str, probe: str) -> None:
     cfg = run.read_config() or {}
     if run.read_result("routes") is None:
         run_routes(ckpts[0], cfg.get("domains", ["math", "code", "qa", "cw"]), run_dir=run.root, show_progress=True)
-    if run.read_result(conflict_result_name(first, probe)) is None:
-        run_conflict(ckpts[1], first, probe, run_dir=run.root, show_progress=True)
+    if run.read_result(conflict_result_name(target, probe)) is None:
+        run_conflict(ckpts[stage + 1], target, probe, run_dir=run.root, show_progress=True)
 
 
-def _repair(run: RunDir, first: str, later: list[str]) -> None:
-    """Diagnosis II and repair for the first domain: second-order damage, then rollback vs the refresh."""
+def _repair(run: RunDir, target: str, stage: int, later: list[str]) -> None:
+    """Diagnosis II and repair of `target`: second-order damage, then rollback vs the refresh."""
     from crossroute.analyze.damage import run_damage
     from crossroute.repair.rollback import run_rollback
 
-    ckpts, _ = run_checkpoints(run)
-    if run.read_result(f"damage_{first}") is None:
-        run_damage(ckpts[1], ckpts[-1], first, later=later, run_dir=run.root)
-    if run.read_result(f"rollback_{first}") is None:
-        run_rollback(ckpts[-1], ckpts[1], first, later, run_dir=run.root)
-    rb, fg = run.read_result(f"rollback_{first}"), run.read_result("forgetting")
+    ckpts, names = run_checkpoints(run)
+    last = max(i for i, n in enumerate(names) if not n.startswith("refresh_"))  # the end of the sequence
+    if run.read_result(f"damage_{target}") is None:
+        run_damage(ckpts[stage + 1], ckpts[last], target, later=later, run_dir=run.root)
+    if run.read_result(f"rollback_{target}") is None:
+        eval_n = int((run.read_config() or {}).get("eval_n", 100))  # the run's pinned eval sets, as they are
+        run_rollback(ckpts[last], ckpts[stage + 1], target, rollback_pair(later), run_dir=run.root, eval_n=eval_n)
+    rb, fg = run.read_result(f"rollback_{target}"), run.read_result("forgetting")
     best, ref = (rb or {}).get("best") or {}, (fg or {}).get("refresh") or {}
     if best and ref:
-        console.print(f"repair of {first}: rollback {best['variant']}/{best['selector']} {best['fraction']} % "
+        console.print(f"repair of {target}: rollback {best['variant']}/{best['selector']} {best['fraction']} % "
                       f"({best['n_units']} units, no training) recovers {100 * (best['recovery'] or 0):.0f} %; "
                       f"refresh ({ref['after'] - ref['before']:+.1f} points) recovers "
                       f"{100 * (ref['recovery_share'] or 0):.0f} %")
@@ -103,11 +119,12 @@ def run_demo(out: Path, eval_n: int | None = None, preset: str | Preset = "defau
     print_forgetting(result)
     console.print(f"sequence + refresh: {time.perf_counter() - t0:.0f} s")
     t1 = time.perf_counter()
-    _diagnose(RunDir(Path(out)), cfg.stages[0].domain, "qa")
+    target, stage, later = repair_target(cfg)
+    _diagnose(RunDir(Path(out)), target, stage, "qa")
     console.print(f"diagnosis (diff, routes, conflict): {time.perf_counter() - t1:.0f} s")
     t2 = time.perf_counter()
     run = RunDir(Path(out))
-    _repair(run, cfg.stages[0].domain, [st.domain for st in cfg.stages[1:]])
+    _repair(run, target, stage, later)
     console.print(f"damage + rollback: {time.perf_counter() - t2:.0f} s")
     if p.full_demo:
         _prevent_and_compare(run, cfg)
@@ -140,5 +157,5 @@ def _prevent_and_compare(run: RunDir, cfg: TrainConfig) -> None:
     if run.read_result("rl_vs_sft") is None:
         from crossroute.experiments.rl_vs_sft import run_rl_vs_sft
 
-        run_rl_vs_sft("default", cfg.stages[0].domain, run.root)
+        run_rl_vs_sft("default", repair_target(cfg)[0], run.root)
     console.print(f"RL vs SFT (forgetting, KL to base, circuit retention): {time.perf_counter() - t2:.0f} s")

@@ -30,7 +30,7 @@ class PretrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     seed: int = 0
-    steps: int = Field(2000, gt=0)
+    steps: int = Field(3000, gt=0)
     batch_size: int = Field(64, gt=0)
     learning_rate: float = Field(3e-3, gt=0)
     warmup_steps: int = Field(100, ge=0)
