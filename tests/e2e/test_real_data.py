@@ -186,7 +186,7 @@ def test_rescore_reproduces_eval_scores(tmp_path: Path) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in s.records))
     again = rescore(read_records(path), dom)
     assert [r["score"] for r in again] == [r["score"] for r in s.records]
-    assert 100 * sum(r["score"] for r in again) / len(again) == pytest.approx(s.score)
+    assert 100 * sum(r["score"] for r in again) / len(again) == pytest.approx(s.score, abs=1e-4)
 
 
 # ----------------------------------------------------------------------------- the shipped real config
