@@ -144,7 +144,8 @@ def test_protect_earlier_domain_accepted_and_refresh_sees_the_whole_sequence(tin
 def test_cpift_sft_reserved_field_refused_by_name(field: str) -> None:
     with pytest.raises(CrossrouteError) as e:
         parse_cpift_config({"sft": {field: VALUES[field]}})
-    assert str(e.value).startswith(f"sft.{field}: {RESERVED_SFT[field]}; remove it"), str(e.value)
+    # parse_cpift_config's `where` (the file, here the default "config") names where the mapping is
+    assert str(e.value).startswith(f"config: sft.{field}: {RESERVED_SFT[field]}; remove it"), str(e.value)
 
 
 @pytest.mark.parametrize(("field", "own"), [("learning_rate", "learning_rate"),
@@ -153,7 +154,8 @@ def test_cpift_sft_field_with_its_own_config_field_refused(field: str, own: str)
     """CPI-FT's learning_rate / batch_size always set these: an `sft:` value would be silently replaced."""
     with pytest.raises(CrossrouteError) as e:
         parse_cpift_config({"sft": {field: 1}})
-    assert str(e.value) == f"sft.{field}: set by the config's own {own}: field; set it there and remove it here"
+    assert str(e.value) == (f"config: sft.{field}: set by the config's own {own}: field; set it there and remove it "
+                            "here")
 
 
 def test_sft_kwargs_explicit_arguments_and_where() -> None:
