@@ -73,9 +73,8 @@ def write_eval_sets(root: Path, domains: list[Domain], n: int) -> dict[str, Any]
         exs = d.examples("eval", n)
         rows = [json.dumps(example_json(e), ensure_ascii=False, sort_keys=True) for e in exs]
         atomic_write_text(root / EVAL_SETS / f"{d.name}.jsonl", "\n".join(rows) + ("\n" if rows else ""))
-        strata = dict(sorted(Counter(e.stratum for e in exs).items())) if any(e.stratum for e in exs) else {}
-        if not strata and d.stratum is not None:
-            strata = dict(sorted(Counter(d.stratum(e) for e in exs).items()))
+        counts = Counter(_stratum_of(d, e) for e in exs)
+        strata = dict(sorted(counts.items())) if set(counts) - {""} else {}
         shift = _mix_shift(d, exs, strata)
         manifest["domains"][d.name] = {"n": len(exs), "strata": strata, "mix_shift": shift, "sha256_16": _digest(rows)}
         if shift > MIX_TOLERANCE:

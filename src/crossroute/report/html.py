@@ -15,6 +15,12 @@ def num(v: Any) -> float:
     return float("nan") if v is None else float(v)
 
 
+def ci_bars(values: list[float], lo: list[float], hi: list[float]) -> list[list[float]]:
+    """matplotlib's asymmetric `yerr` for points with CIs [lo, hi] (a bound past its point draws no bar)."""
+    return [[max(0.0, v - a) for v, a in zip(values, lo, strict=True)],
+            [max(0.0, b - v) for v, b in zip(values, hi, strict=True)]]
+
+
 def table(header: list[str], rows: list[list[Any]]) -> str:
     """An HTML table; floats print with two decimals."""
 
@@ -40,8 +46,7 @@ def line_plot(x_labels: list[str], series: dict[str, list[float]], title: str, y
         xs = [i + 0.04 * (k - (len(series) - 1) / 2) for i in range(len(ys))]  # dodge overlapping bars
         ci = (errors or {}).get(name)
         if ci:
-            yerr = [[max(0.0, y - lo) for y, (lo, _) in zip(ys, ci, strict=True)],
-                    [max(0.0, hi - y) for y, (_, hi) in zip(ys, ci, strict=True)]]
+            yerr = ci_bars(ys, [lo for lo, _ in ci], [hi for _, hi in ci])
             ax.errorbar(xs, ys, yerr=yerr, marker="o", capsize=3, label=name)
         else:
             ax.plot(xs, ys, marker="o", label=name)
@@ -62,9 +67,7 @@ def interval_plot(labels: list[str], figures: list[dict[str, Any]], title: str, 
     lo = [num(f["lo"]) for f in figures]
     hi = [num(f["hi"]) for f in figures]
     xs = list(range(len(labels)))
-    ax.errorbar(xs, vals, yerr=[[max(0.0, v - a) for v, a in zip(vals, lo, strict=True)],
-                                [max(0.0, b - v) for v, b in zip(vals, hi, strict=True)]],
-                fmt="o", capsize=4, color="#4c72b0")
+    ax.errorbar(xs, vals, yerr=ci_bars(vals, lo, hi), fmt="o", capsize=4, color="#4c72b0")
     ax.axhline(0, color="black", lw=0.7)
     for x, a, b in zip(xs, lo, hi, strict=True):
         if a > 0 or b < 0:

@@ -12,7 +12,7 @@ def render_rollback_section(result: dict) -> str:
     """HTML <section>: recovery vs fraction per selector (and variant), collateral table."""
     from matplotlib.figure import Figure
 
-    from crossroute.report.html import table
+    from crossroute.report.html import ci_bars, table
     from crossroute.report.plots import fig_to_img_tag
 
     a = html.escape(str(result.get("domain", "")))
@@ -46,8 +46,7 @@ def render_rollback_section(result: dict) -> str:
             ci = [(p.get("change") or {}).get(result.get("domain")) for p in mine]
             defined = all(c is not None and c.get("lo") is not None and c.get("hi") is not None for c in ci)
             if gap > 0 and defined:  # the paired CI of A's change, on the recovery scale
-                yerr = [[max(0.0, y - c["lo"] / gap) for y, c in zip(ys, ci, strict=True)],
-                        [max(0.0, c["hi"] / gap - y) for y, c in zip(ys, ci, strict=True)]]
+                yerr = ci_bars(ys, [c["lo"] / gap for c in ci], [c["hi"] / gap for c in ci])
                 ax.errorbar(xs, ys, yerr=yerr, marker="o", capsize=3, label=sel)
             else:
                 ax.plot(xs, ys, marker="o", label=sel)
