@@ -22,12 +22,3 @@ def test_parse_layers_expands_ranges(ranges: list[tuple[int, int]]) -> None:
 def test_parse_layers_errors_name_the_flag(spec: str, msg: str) -> None:
     with pytest.raises(CrossrouteError, match=f"--layers {spec!r}: .*{msg}"):
         parse_layers(spec)
-
-
-def test_threads_are_shared_by_the_local_processes() -> None:
-    from crossroute.core.threads import threads_for
-
-    assert threads_for(None, local_world=1, cores=16) == 16
-    assert threads_for(None, local_world=4, cores=16) == 4
-    assert threads_for(None, local_world=8, cores=2) == 1
-    assert threads_for(3, local_world=8, cores=2) == 3

@@ -12,7 +12,14 @@ from crossroute.core.errors import CrossrouteError
 from crossroute.experiments.sequence import TrainConfig, parse_train_config
 from crossroute.measure.proxy import gradient_and_loss
 from crossroute.model.load import load_model, load_tokenizer
-from crossroute.repair.protect import ProtectCallback, anchor_grad, anchor_penalty, orthonormal_basis, project_out
+from crossroute.repair.protect import (
+    Protector,
+    anchor_grad,
+    anchor_penalty,
+    orthonormal_basis,
+    project_out,
+    protect_callback,
+)
 from crossroute.train.grpo import grpo_kwargs, make_grpo_config
 
 
@@ -84,7 +91,7 @@ def _length_reward(completions: list, **kwargs: object) -> list[float]:
     return [float(len(c)) for c in completions]
 
 
-def _run(tmp: Path, mode: str, **extra: object) -> tuple[ProtectCallback, dict, dict]:
+def _run(tmp: Path, mode: str, **extra: object) -> tuple[Protector, dict, dict]:
     from datasets import Dataset
     from trl import GRPOTrainer
 
@@ -101,7 +108,7 @@ def _run(tmp: Path, mode: str, **extra: object) -> tuple[ProtectCallback, dict, 
     model = load_model(ckpt).model
     model.train()
     tok = load_tokenizer(ckpt)
-    cb = ProtectCallback(st.protect, model, tok, dom, args.learning_rate, st.steps, seed=0)
+    cb = protect_callback(st.protect, model, tok, dom, args.learning_rate, st.steps, seed=0)
     rows = [e.row() for e in dom.examples("train", cfg.train_prompts, seed=0)]
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = GRPOTrainer(model=model, reward_funcs=_length_reward, args=args,

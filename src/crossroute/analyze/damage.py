@@ -19,10 +19,9 @@ and δ's r largest-|δ| entries, and r90 only where that share reaches 0.9 among
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ import torch
 from crossroute.analyze.subspace import ConflictSubspace, conflict_subspace, shared_units
 from crossroute.core.errors import CrossrouteError
 from crossroute.core.rundir import RunDir, result_name
+from crossroute.core.threads import torch_threads
 from crossroute.domains.domain import Domain
 from crossroute.domains.files import as_domains, get_domain
 from crossroute.measure.hvp import grad_and_hvp
@@ -152,20 +152,6 @@ class DamageResult:
         if self.meta:
             out["meta"] = self.meta
         return out
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int | None) -> Iterator[None]:
-    """Run the body with `threads` torch intra-op threads (None: unchanged), then restore."""
-    if threads is None:
-        yield
-        return
-    prev = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(threads)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(prev)
 
 
 def _load(spec: str | Path | Loaded, device: str) -> Loaded:

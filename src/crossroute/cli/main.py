@@ -51,6 +51,16 @@ DomainsOpt = Annotated[str, typer.Option("--domains", "-d", help="comma list: bu
 ThreadsOpt = Annotated[int | None, typer.Option(min=1, help="torch CPU threads (1 avoids oversubscription)")]
 
 
+@app.callback()
+def start(threads: Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads of this process "
+                                                      "(default: CROSSROUTE_THREADS, OMP_NUM_THREADS, else the "
+                                                      "cores / local processes)")] = None) -> None:
+    """Decide the thread policy before any command imports torch (crossroute.core.threads)."""
+    from crossroute.core.threads import apply_policy
+
+    apply_policy(threads)
+
+
 # ----------------------------------------------------------------------------- checks at the CLI boundary
 
 def check_range(flag: str, value: float, lo: float, hi: float, lo_open: bool = True) -> None:

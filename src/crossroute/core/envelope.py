@@ -17,9 +17,12 @@ def result_kind(name: str) -> str:
 
 
 def envelope(name: str, config: dict[str, Any] | None) -> dict[str, Any]:
-    """The envelope of result `name`: kind, schema version, crossroute version and the full config."""
+    """The envelope of result `name`: kind, schema version, crossroute version, the full config and the thread
+    policy it ran under (crossroute.core.threads)."""
+    from crossroute.core.threads import current_policy
+
     return {"kind": result_kind(name), "name": name, "schema_version": SCHEMA_VERSION,
-            "crossroute_version": CROSSROUTE_VERSION, "config": config or {}}
+            "crossroute_version": CROSSROUTE_VERSION, "config": config or {}, "threads": current_policy()}
 
 
 def wrap(name: str, data: Any, config: dict[str, Any] | None) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from crossroute.measure.evaluate import EvalProtocol, evaluate_checkpoint, score
 from crossroute.measure.rescore import read_records
 from crossroute.measure.stats import across_seeds
 from crossroute.model.load import check_checkpoint_dir, load_tokenizer, resolve_model_path
-from crossroute.repair.protect import ProtectCallback, ProtectConfig
+from crossroute.repair.protect import ProtectConfig, protect_callback
 from crossroute.train.grpo import (
     grpo_kwargs,
     make_grpo_config,
@@ -200,7 +200,7 @@ def _run_stage(cfg: TrainConfig, stage: StageConfig, name: str, init: Path, run:
         if protect is None:
             return []
         earlier = [cfg.built_domains()[d] for d in protect.domains]
-        return [ProtectCallback(protect, model, tokenizer, domain, args.learning_rate, stage.steps, seed=cfg.seed,
+        return [protect_callback(protect, model, tokenizer, domain, args.learning_rate, stage.steps, seed=cfg.seed,
                                 earlier=earlier)]
 
     done = train_grpo_stage(init, rows, reward, args, run.checkpoint(name), callbacks)

@@ -36,6 +36,7 @@ from the same weights and probes and edits its own replica after the gradients w
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Sequence
@@ -44,7 +45,7 @@ from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from crossroute.analyze.damage import attribution
 from crossroute.analyze.subspace import lanczos, shared_units
@@ -208,8 +209,9 @@ def check_whole_parameters(model: torch.nn.Module) -> None:
                                   "DDP or one process.")
 
 
-class ProtectCallback(TrainerCallback):
-    """Applies a ProtectConfig to `model` during a Trainer/GRPOTrainer run (module docstring)."""
+class Protector:
+    """Applies a ProtectConfig to `model` during a Trainer/GRPOTrainer run (module docstring), through the
+    TrainerCallback events it defines; `protect_callback` makes one a TrainerCallback."""
 
     def __init__(self, cfg: ProtectConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                  current: Domain | str, learning_rate: float, steps: int, seed: int = 0,
@@ -360,3 +362,18 @@ class ProtectCallback(TrainerCallback):
             out["eigenvalues"] = self.eigenvalues
             out["refreshes"] = self.refreshes
         return out
+
+
+@functools.cache
+def _callback_class() -> type:
+    from transformers import TrainerCallback  # the trainer stack: imported only when a protected stage trains
+
+    return type("ProtectCallback", (Protector, TrainerCallback), {"__doc__": Protector.__doc__})
+
+
+def protect_callback(cfg: ProtectConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                     current: Domain | str, learning_rate: float, steps: int, seed: int = 0,
+                     earlier: list[Domain] | None = None) -> Protector:
+    """A TrainerCallback (a Protector) for one protected stage; transformers' trainer stack is imported here, so
+    that reading a run's config (diff, report) does not import it."""
+    return _callback_class()(cfg, model, tokenizer, current, learning_rate, steps, seed=seed, earlier=earlier)
