@@ -1,6 +1,6 @@
 """The thread policy vs one thread on a loaded machine, in one process: GRPO steps and a 4 x 100 eval on the default.
 
-    python benchmarks/bench_threads.py [--load 1] [--rounds 3] [--steps 12] [--out benchmarks/results/bench_threads.json]
+    python benchmarks/bench_threads.py [--load 1] [--rounds 3] [--steps 12] [--out FILE.json]
 
 The process applies crossroute's start-up policy before torch loads (crossroute.core.threads: threads = cores /
 local processes, OMP_WAIT_POLICY=PASSIVE), then starts `--load` busy processes (one spinning core each) and

@@ -17,7 +17,7 @@ from crossroute.train.sft import RESERVED_SFT, sft_kwargs
 
 # A value of the right type for every reserved field, so the refusal, not TRL's own type check, is what fires.
 VALUES: dict[str, Any] = {"output_dir": "/tmp/x", "max_steps": 5, "num_train_epochs": 2, "seed": 3,
-                          "report_to": ["wandb"], "save_strategy": "steps", "save_steps": 10, "save_total_limit": 1,
+                          "save_strategy": "steps", "save_steps": 10, "save_total_limit": 1,
                           "save_only_model": True, "use_cpu": True, "resume_from_checkpoint": "ckpt",
                           "push_to_hub": True, "ddp_backend": "gloo", "ddp_timeout": 60}
 
@@ -38,7 +38,7 @@ def refusal(raw: dict[str, Any]) -> str:
 def test_reserved_set_is_what_grpo_kwargs_sets() -> None:
     """Every field grpo_kwargs always overwrites is reserved (a new overwrite must be reserved too)."""
     kw = grpo_kwargs({}, {}, 7, 1, "/tmp/out")
-    set_by_crossroute = {"output_dir", "max_steps", "seed", "report_to", "save_strategy"}
+    set_by_crossroute = {"output_dir", "max_steps", "seed", "save_strategy"}
     assert set_by_crossroute <= set(RESERVED_GRPO)
     assert {k: kw[k] for k in ("output_dir", "max_steps", "seed")} == {"output_dir": "/tmp/out", "max_steps": 7,
                                                                        "seed": 1}
@@ -53,13 +53,28 @@ def test_stage_grpo_reserved_field_refused_by_name(tiny_ckpt: Path, field: str) 
     assert msg.startswith(f"cfg.yaml: stages[1].grpo.{field}: {RESERVED_GRPO[field]}; remove it"), msg
 
 
+@pytest.mark.parametrize(("value", "needle"), [
+    (["nosuch"], "'nosuch' is not a tracker crossroute passes through; use one of tensorboard, trackio"),
+    ("all", "'all' would report to every tracker installed; name them"),
+    (["wandb"], "'wandb' is not installed; pip install wandb (or remove it)"),
+])
+def test_report_to_names_an_installed_tracker(tiny_ckpt: Path, value: Any, needle: str) -> None:
+    raw = raw_config(tiny_ckpt)
+    raw["stages"][1]["grpo"] = {"report_to": value}
+    assert refusal(raw).startswith(f"cfg.yaml: stages[1].grpo.report_to: {needle}")
+    raw = raw_config(tiny_ckpt)
+    raw["grpo"] = {**raw["grpo"], "report_to": "none"}
+    assert parse_train_config(raw, "cfg.yaml").grpo["report_to"] == "none"
+    assert grpo_kwargs({"report_to": "none"}, {}, 1, 0, "/tmp/o")["report_to"] == []
+
+
 def test_max_steps_message_is_the_documented_one(tiny_ckpt: Path) -> None:
     raw = raw_config(tiny_ckpt)
     raw["stages"][1]["grpo"] = {"max_steps": 50}
     assert refusal(raw) == "cfg.yaml: stages[1].grpo.max_steps: set by crossroute from the stage's steps; remove it"
 
 
-@pytest.mark.parametrize("field", ["max_steps", "seed", "output_dir", "report_to"])
+@pytest.mark.parametrize("field", ["max_steps", "seed", "output_dir"])
 def test_run_and_refresh_grpo_reserved_fields_refused(tiny_ckpt: Path, field: str) -> None:
     raw = raw_config(tiny_ckpt)
     raw["grpo"] = {**raw["grpo"], field: VALUES[field]}

@@ -101,7 +101,7 @@ def _sft_search(base: Path, domain: str, work: Path, steps_grid: list[int], targ
         secs = None
         if not (ckpt / "config.json").exists():
             t0 = time.perf_counter()
-            sft_train(base, [dom], steps, lr, batch, ckpt, seed=seed)
+            sft_train(base, [dom], steps, lr, batch, ckpt, seed=seed, log_dir=work / "logs")
             secs = round(time.perf_counter() - t0, 2)
         loaded = load_model(ckpt)
         score = evaluate_domain(loaded.model, loaded.tokenizer, dom, n=eval_n).score

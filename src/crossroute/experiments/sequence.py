@@ -203,7 +203,8 @@ def _run_stage(cfg: TrainConfig, stage: StageConfig, name: str, init: Path, run:
         return [protect_callback(protect, model, tokenizer, domain, args.learning_rate, stage.steps, seed=cfg.seed,
                                 earlier=earlier)]
 
-    done = train_grpo_stage(init, rows, reward, args, run.checkpoint(name), callbacks)
+    done = train_grpo_stage(init, rows, reward, args, run.checkpoint(name), callbacks, label=name,
+                            log_dir=run.root / "logs")
     if done.is_main:
         run.write_result(f"train_{name}", {"stage": name, "domain": domain.name, "steps": stage.steps,
                                            "seconds": done.seconds, "log": done.log,

@@ -286,7 +286,8 @@ class _Runner:
         console.print(f"[bold]{name}[/bold]: {steps} SFT steps on {'+'.join(d.name for d in domains)}"
                       + (f", {sum(int(m.sum()) for m in freeze.values())} entries frozen" if freeze else ""))
         stats = sft_train(init, domains, steps, self.cfg.learning_rate, self.cfg.batch_size, ckpt, seed=self.cfg.seed,
-                          freeze_mask=freeze, train_prompts=self.cfg.train_prompts, sft=self.cfg.sft)
+                          freeze_mask=freeze, train_prompts=self.cfg.train_prompts, sft=self.cfg.sft,
+                          log_dir=self.run.root / "logs")
         stats.pop("log", None)
         self.train_log[name] = stats
         self.run.write_result("cpift_train", self.train_log)

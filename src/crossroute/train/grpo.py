@@ -13,6 +13,7 @@ import torch
 
 from crossroute.core.errors import CrossrouteError
 from crossroute.model.load import load_model, load_tokenizer, save_model
+from crossroute.train.stagelog import check_report_to, quiet, report_to_error, stage_log, tracker_dirs
 
 # GRPOConfig fields crossroute sets itself (or that its per-stage loop makes moot), each with the reason a user's
 # value is refused: a setting is never silently overridden.
@@ -21,7 +22,6 @@ RESERVED_GRPO: dict[str, str] = {
     "max_steps": "set by crossroute from the stage's steps",
     "num_train_epochs": "set by crossroute: the stage's steps give its length",
     "seed": "set by crossroute from the run's seed (or seeds)",
-    "report_to": "set by crossroute (the reward log goes to RUN/results/train_<stage>.json)",
     "save_strategy": "set by crossroute, which saves each stage's checkpoint itself",
     "save_steps": "set by crossroute, which saves each stage's checkpoint itself",
     "save_total_limit": "set by crossroute, which saves each stage's checkpoint itself",
@@ -46,7 +46,9 @@ def reserved_grpo_error(given: dict[str, Any], where: str, stage: bool = True) -
     `stage`: a stage's own mapping, where the run-wide fields (RUN_ONLY_GRPO) are refused too."""
     reserved = {**{k: f"{v}; remove it" for k, v in RESERVED_GRPO.items()}, **(RUN_ONLY_GRPO if stage else {})}
     key = next((k for k in reserved if k in given), None)
-    return None if key is None else f"{where}.{key}: {reserved[key]}"
+    if key is not None:
+        return f"{where}.{key}: {reserved[key]}"
+    return report_to_error(given, where)
 
 
 def warn_cpu_overrides(given: dict[str, Any], where: str, cuda: bool | None = None) -> list[str]:
@@ -75,12 +77,11 @@ def grpo_kwargs(run_grpo: dict[str, Any], stage_grpo: dict[str, Any], steps: int
         "learning_rate": 1e-5,
         "beta": 0.0,
         "logging_steps": 10,
-        "disable_tqdm": False,
     }
     kw.update(run_grpo)
     kw.update(stage_grpo)
-    kw.update({"output_dir": output_dir, "max_steps": steps, "seed": seed, "report_to": [],
-               "save_strategy": "no"})
+    kw.update({"output_dir": output_dir, "max_steps": steps, "seed": seed,
+               "report_to": check_report_to(kw.get("report_to"), "grpo"), "save_strategy": "no"})
     if not torch.cuda.is_available():
         # CPU: no bf16, no gradient checkpointing (DESIGN.md section 4); warn_cpu_overrides names a user's value.
         kw.update({"use_cpu": True, "bf16": False})
@@ -131,17 +132,25 @@ class StageRun:
 
 
 def train_grpo_stage(init: Path, rows: list[dict[str, Any]], reward: Any, args: Any, save_to: Path,
-                     callbacks: CallbackFactory | None = None) -> StageRun:
-    """Train one GRPO stage from checkpoint `init` on prompt `rows` and save it atomically to `save_to`."""
+                     callbacks: CallbackFactory | None = None, label: str | None = None,
+                     log_dir: Path | None = None) -> StageRun:
+    """Train one GRPO stage from checkpoint `init` on prompt `rows` and save it atomically to `save_to`.
+
+    The terminal shows one progress line (`label`, default save_to's name); TRL's full log goes to
+    `log_dir/<label>.jsonl` and to the trackers in `args.report_to` (crossroute.train.stagelog)."""
     from datasets import Dataset
     from trl import GRPOTrainer
 
+    label = label or save_to.name
     tokenizer = load_tokenizer(init)
     model = load_model(init).model
     model.train()
     cbs = callbacks(model, tokenizer, args) if callbacks is not None else []
-    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=Dataset.from_list(rows),
-                          processing_class=tokenizer, callbacks=cbs or None)
+    log = stage_log(f"GRPO {label}", args.max_steps, log_dir / f"{label}.jsonl" if log_dir is not None else None)
+    with tracker_dirs(list(args.report_to or []), log_dir, label):
+        trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=Dataset.from_list(rows),
+                              processing_class=tokenizer, callbacks=[*cbs, log])
+    quiet(trainer)
     t0 = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - t0

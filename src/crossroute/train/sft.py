@@ -24,6 +24,7 @@ from crossroute.core.atomic import temp_prefix
 from crossroute.core.errors import CrossrouteError
 from crossroute.domains.domain import Domain
 from crossroute.model.load import load_model, save_model
+from crossroute.train.stagelog import check_report_to, quiet, report_to_error, stage_log, tracker_dirs
 
 # SFTConfig fields crossroute sets itself (or makes moot), each with the reason a user's `sft:` value is refused.
 RESERVED_SFT: dict[str, str] = {
@@ -31,7 +32,6 @@ RESERVED_SFT: dict[str, str] = {
     "max_steps": "set by crossroute from the config's steps (pipeline_steps for CPI-FT's pipeline)",
     "num_train_epochs": "set by crossroute: the config's steps give the length",
     "seed": "set by crossroute from the config's seed",
-    "report_to": "set by crossroute (the loss log goes to the run's results)",
     "save_strategy": "set by crossroute, which saves each checkpoint itself",
     "save_steps": "set by crossroute, which saves each checkpoint itself",
     "save_total_limit": "set by crossroute, which saves each checkpoint itself",
@@ -51,6 +51,8 @@ def reserved_sft_error(overrides: dict[str, Any], where: str = "sft", lr: float 
     key = next((k for k in RESERVED_SFT if k in overrides), None)
     if key is not None:
         return f"{where}.{key}: {RESERVED_SFT[key]}; remove it"
+    if report_to_error(overrides, where):
+        return report_to_error(overrides, where)
     given = {"learning_rate": lr, "per_device_train_batch_size": batch_size}
     key = next((k for k in EXPLICIT_SFT if k in overrides and given[k] is not None), None)
     if key is not None:
@@ -81,7 +83,8 @@ def sft_kwargs(overrides: dict[str, Any] | None, steps: int, output_dir: str, se
         kw["learning_rate"] = lr
     if batch_size is not None:
         kw["per_device_train_batch_size"] = batch_size
-    kw.update({"output_dir": output_dir, "max_steps": steps, "seed": seed, "report_to": [], "save_strategy": "no"})
+    kw.update({"output_dir": output_dir, "max_steps": steps, "seed": seed,
+               "report_to": check_report_to(kw.get("report_to"), where), "save_strategy": "no"})
     if not torch.cuda.is_available():
         for key in CPU_OFF_SFT:
             if (overrides or {}).get(key):
@@ -186,10 +189,12 @@ def sft_train(
     freeze_mask: dict[str, torch.Tensor] | None = None,
     train_prompts: int = 2000,
     sft: dict[str, Any] | None = None,
+    log_dir: Path | None = None,
 ) -> dict[str, Any]:
     """SFT `model_path` on the reference answers of `domains` (mixed when several); save to `out`.
 
-    `freeze_mask` maps parameter names to bool tensors (True = frozen entry). Returns run statistics.
+    `freeze_mask` maps parameter names to bool tensors (True = frozen entry). One progress line on the terminal;
+    TRL's full log to `log_dir/<out's name>.jsonl` and to `sft.report_to`'s trackers. Returns run statistics.
     """
     import datasets
     from datasets import Dataset
@@ -209,12 +214,13 @@ def sft_train(
         tok.padding_side = "right"
         dataset = Dataset.from_list(sft_rows(domains, train_prompts, seed, tok.eos_token, tok))
         freeze = FreezeMask(model, freeze_mask) if freeze_mask else None
-        callbacks = [_restore_callback(freeze)] if freeze else None
-        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok,
-                             callbacks=callbacks)
-        from transformers.trainer_callback import PrinterCallback
-
-        trainer.remove_callback(PrinterCallback)  # losses go to the returned stats, not stdout
+        label = out.name
+        log = stage_log(f"SFT {label}", steps, log_dir / f"{label}.jsonl" if log_dir is not None else None)
+        callbacks = [_restore_callback(freeze), log] if freeze else [log]
+        with tracker_dirs(list(args.report_to or []), log_dir, label):
+            trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok,
+                                 callbacks=callbacks)
+        quiet(trainer)  # losses go to the returned stats and the log file, not stdout
         t0 = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - t0
