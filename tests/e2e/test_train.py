@@ -330,3 +330,37 @@ def test_stage_scratch_is_removed(tmp_path: Path, tiny_ckpt: Path) -> None:
     run_training(parse_train_config(raw), out)
     assert not (out / ".work").exists()
     assert sorted(p.name for p in out.rglob(".*") if p.name not in (".lock", ".crossroute")) == []
+
+
+def _length_reward(completions: list, **kwargs: object) -> list[float]:
+    return [float(len(c)) for c in completions]  # the tiny model scores 0 everywhere: length moves its weights
+
+
+def test_every_stage_records_its_kl_and_forgetting_is_fitted_against_it(tmp_path: Path, tiny_ckpt: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from crossroute.domains.domain import Domain
+
+    monkeypatch.setattr(Domain, "reward_func", lambda self: _length_reward)
+    raw = {**tiny_config(tiny_ckpt, steps=1), "domains": ["math", "qa", "cw"], "kl_n": 3,
+           "stages": [{"domain": "math", "steps": 1}, {"domain": "qa", "steps": 1}]}
+    result = run_training(parse_train_config(raw), tmp_path / "run")
+    kl = result["kl"]
+    assert kl["to_previous"]["01_math"] == kl["to_base"]["01_math"]  # the first stage's previous is the base
+    assert kl["to_previous"]["02_qa"] != kl["to_base"]["02_qa"]
+    assert all(v["kl_token"] > 0 for v in kl["to_base"]["02_qa"].values())  # the stages moved the weights
+    assert set(kl["to_base"]["refresh_math"]) == {"math", "qa", "cw"}
+    assert all(v["n_prompts"] == 3 and v["kl_token"] >= 0 for r in kl["to_base"].values() for v in r.values())
+    pts = result["forgetting_vs_kl"]["points"]
+    assert [(p["stage"], p["domain"]) for p in pts] == [("01_math", "qa"), ("01_math", "cw"), ("02_qa", "math"),
+                                                        ("02_qa", "cw")]
+    m, rows, doms = result["matrix"], result["rows"], result["domains"]
+    for p in pts:  # the paired drop's mean is the matrix's difference between the row before and the stage
+        i, j = rows.index(p["stage"]), doms.index(p["domain"])
+        assert p["drop"]["value"] == pytest.approx(m[i - 1][j] - m[i][j], abs=1e-6)
+        assert p["kl_new_task"] == kl["to_previous"][p["stage"]][p["stage_domain"]]["kl_token"]
+    assert result["forgetting_vs_kl"]["fit_new_task"]["n"] == 4
+    from crossroute.report.build import build_report
+
+    page = build_report(tmp_path / "run").read_text()
+    assert "Forgetting against KL (RL&#x27;s Razor)" in page or "Forgetting against KL (RL's Razor)" in page
+    assert "<th>KL new task</th>" in page and "<td>on the new task</td>" in page

@@ -155,3 +155,32 @@ def test_binary_paired_ci_agrees_with_mcnemar(n01: int, n10: int, ties: int) -> 
     assert d.lo - 1e-6 <= d.value <= d.hi + 1e-6
     if n01 + n10:
         assert d.significant == (mcnemar_p(a, b) < 0.05)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.floats(-50, 50), st.floats(-50, 50)), min_size=3, max_size=30))
+def test_linear_fit_matches_numpy_polyfit(pts: list[tuple[float, float]]) -> None:
+    from crossroute.measure.stats import linear_fit
+
+    x, y = np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
+    fit = linear_fit(x, y, n_boot=50, n_perm=50)
+    if np.ptp(x) < 1e-6:
+        return
+    slope, intercept = np.polyfit(x, y, 1)
+    assert fit["slope"] == pytest.approx(slope, rel=1e-4, abs=1e-4)
+    assert fit["intercept"] == pytest.approx(intercept, rel=1e-4, abs=1e-3)
+    if np.ptp(y) > 1e-6 and fit["r2"] is not None:
+        assert fit["r2"] == pytest.approx(np.corrcoef(x, y)[0, 1] ** 2, abs=1e-4)
+
+
+def test_linear_fit_exact_line_and_no_relation() -> None:
+    from crossroute.measure.stats import linear_fit
+
+    x = np.arange(10.0)
+    exact = linear_fit(x, 3.0 - 2.0 * x)
+    assert (exact["slope"], exact["intercept"], exact["r2"]) == (-2.0, 3.0, 1.0)
+    assert exact["slope_ci"] == [-2.0, -2.0] and exact["p"] < 0.01
+    flat = linear_fit(x, [1.0, -1.0] * 5)
+    assert flat["p"] > 0.3 and flat["slope_ci"][0] < 0 < flat["slope_ci"][1]
+    assert linear_fit([1.0, 1.0, 1.0], [1.0, 2.0, 3.0])["slope"] is None  # x constant: no fit
+    assert linear_fit([1.0, 2.0], [1.0, 2.0])["n"] == 2

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from crossroute.measure.stats import paired_by_key, paired_diff
+from crossroute.measure.stats import linear_fit, paired_by_key, paired_diff
 
 
 def forgetting_summary(rows: list[str], matrix: list[list[float]], domains: list[str],
@@ -105,3 +105,38 @@ def compare_runs(rows: list[str], per_row_a: list[PerExample], per_row_b: list[P
     same eval prompts: bootstrap CI and p-value."""
     return {row: {d: _diff(a.get(d, {}), b.get(d, {})) for d in domains}
             for row, a, b in zip(rows, per_row_a, per_row_b, strict=True)}
+
+
+KL_FORGETTING_DEFINITION = (
+    "one point per sequence stage s and domain d other than the stage's own domain t: drop = score(d) at the row "
+    "before s minus score(d) after s, paired over the same prompts (points, with its CI); kl_new_task = forward "
+    "KL(row before s || s) per token on t's prompts (RL's Razor predictor); kl_on_domain = the same KL on d's "
+    "prompts. The fits are least squares of drop on each KL over all points (stages, domains and seeds), with a "
+    "pairs-bootstrap CI of the slope and R² and a permutation p-value of the slope")
+
+
+def forgetting_points(rows: list[str], per_row: list[PerExample], domains: list[str], trained: list[str],
+                      kl_previous: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The (KL, drop) points of KL_FORGETTING_DEFINITION for one run; `kl_previous[row][domain]` is the KL of that
+    stage to the row before it (measure.kl.stage_kl)."""
+    points = []
+    for i, t in enumerate(trained):
+        row = rows[i + 1]
+        kl = kl_previous.get(row)
+        if not kl or t not in kl:
+            continue
+        for d in domains:
+            if d == t or d not in kl:
+                continue
+            drop = _diff(per_row[i].get(d, {}), per_row[i + 1].get(d, {}), sign=-1.0)
+            points.append({"stage": row, "stage_domain": t, "domain": d, "drop": drop,
+                           "kl_new_task": kl[t]["kl_token"], "kl_on_domain": kl[d]["kl_token"]})
+    return points
+
+
+def forgetting_vs_kl(points: list[dict[str, Any]]) -> dict[str, Any]:
+    """Drop against each KL over `points` (from one run or several seeds), with the fits."""
+    y = [p["drop"]["value"] for p in points]
+    return {"definition": KL_FORGETTING_DEFINITION, "points": points,
+            "fit_new_task": linear_fit([p["kl_new_task"] for p in points], y),
+            "fit_on_domain": linear_fit([p["kl_on_domain"] for p in points], y)}

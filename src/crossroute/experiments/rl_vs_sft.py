@@ -20,17 +20,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
 from crossroute.analyze.circuits import SEED_REFERENCE, run_circuits
 from crossroute.core.console import console
 from crossroute.core.rundir import RunDir
 from crossroute.domains.builtin import DEFAULT_DOMAINS
 from crossroute.domains.files import get_domain
 from crossroute.experiments.sequence import StageConfig, TrainConfig, run_training
-from crossroute.measure.evaluate import EVAL_SEED, evaluate_all, evaluate_domain, left_pad
-from crossroute.measure.stats import mean_ci
+from crossroute.measure.evaluate import EVAL_SEED, evaluate_all, evaluate_domain
+from crossroute.measure.kl import KL_DEFINITION, kl_to_base
 from crossroute.model.load import load_model, resolve_model_path
 from crossroute.train.sft import sft_train
 
@@ -38,58 +35,6 @@ from crossroute.train.sft import sft_train
 DEFAULT_GRPO: dict[str, Any] = {"num_generations": 8, "per_device_train_batch_size": 64, "max_completion_length": 24,
                                 "learning_rate": 1e-4, "beta": 0.0, "loss_type": "dapo", "temperature": 1.0,
                                 "logging_steps": 10}
-KL_DEFINITION = (
-    "forward KL(base || model), the RL's Razor quantity: one completion per held-out prompt sampled from the base "
-    "(temperature 1, no top-k/top-p, stopped at eos or max_new_tokens); at each sampled position, eos included, "
-    "the exact full-vocabulary KL of the next-token distributions given the same prefix; kl_token = mean over all "
-    "sampled tokens, kl_seq = mean over prompts of the per-completion sum. kl_reverse_*: KL(model || base), "
-    "sampled from the model")
-
-
-@torch.no_grad()
-def sampled_kl(sampler: PreTrainedModel, p: PreTrainedModel, q: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-               prompt_ids: list[list[int]], max_new_tokens: int, seed: int = 0,
-               batch_size: int = 64) -> dict[str, Any]:
-    """Token-level KL(p || q) on completions sampled from `sampler` (exact over the vocabulary at each sampled
-    position); `sampler` is p for the KL to be an unbiased estimate of the sequence-level KL."""
-    device = next(sampler.parameters()).device
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    total_kl, total_tok, seq_sums = 0.0, 0, []
-    torch.manual_seed(seed)
-    for start in range(0, len(prompt_ids), batch_size):
-        ids, attn = left_pad(prompt_ids[start: start + batch_size], pad)
-        ids, attn = ids.to(device), attn.to(device)
-        gen = sampler.generate(input_ids=ids, attention_mask=attn, do_sample=True, temperature=1.0, top_k=0,
-                               top_p=1.0, max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos)
-        plen = ids.shape[1]
-        new = gen[:, plen:]
-        # keep generated tokens up to and including the first eos
-        is_eos = (new == eos).long() if eos is not None else torch.zeros_like(new)
-        keep = ~((is_eos.cumsum(-1) - is_eos) > 0)
-        mask = torch.cat([attn, keep.long()], dim=1)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        lp_p = torch.log_softmax(p(input_ids=gen, attention_mask=mask, position_ids=pos).logits.float(), -1)
-        lp_q = torch.log_softmax(q(input_ids=gen, attention_mask=mask, position_ids=pos).logits.float(), -1)
-        lp_p, lp_q = lp_p[:, plen - 1: -1], lp_q[:, plen - 1: -1]  # predictions of the generated tokens
-        kl = (lp_p.exp() * (lp_p - lp_q)).sum(-1) * keep
-        total_kl += float(kl.sum())
-        total_tok += int(keep.sum())
-        seq_sums += kl.sum(-1).tolist()
-    ci = mean_ci(seq_sums, scale=1.0)
-    return {"kl_token": total_kl / max(total_tok, 1), "kl_seq": sum(seq_sums) / max(len(seq_sums), 1),
-            "kl_seq_ci": [ci.lo, ci.hi], "n_prompts": len(prompt_ids), "n_tokens": total_tok}
-
-
-def kl_to_base(model: PreTrainedModel, base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-               prompt_ids: list[list[int]], max_new_tokens: int, seed: int = 0) -> dict[str, Any]:
-    """Forward KL(base || model) sampled from the base (RL's Razor), and the reverse KL(model || base) sampled
-    from the model under `reverse`."""
-    fwd = sampled_kl(base, base, model, tokenizer, prompt_ids, max_new_tokens, seed)
-    rev = sampled_kl(model, model, base, tokenizer, prompt_ids, max_new_tokens, seed)
-    return {**fwd, "direction": "forward KL(base || model), sampled from the base", "reverse": rev}
-
-
 def _sft_search(base: Path, domain: str, work: Path, steps_grid: list[int], target: float, lr: float, batch: int,
                 eval_n: int, seed: int, refine: int) -> list[dict[str, Any]]:
     """Train SFT candidates (cached on disk), each scored on the domain; bisect between bracketing counts."""

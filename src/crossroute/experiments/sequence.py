@@ -12,7 +12,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from crossroute.analyze.forgetting import forgetting_summary, paired_summary, per_example_scores
+from crossroute.analyze.forgetting import (
+    forgetting_points,
+    forgetting_summary,
+    forgetting_vs_kl,
+    paired_summary,
+    per_example_scores,
+)
 from crossroute.core.config import MAX_EVAL_N, MAX_TRAIN_PROMPTS, load_yaml_mapping, validate_config
 from crossroute.core.console import console
 from crossroute.core.errors import CrossrouteError
@@ -25,9 +31,10 @@ from crossroute.domains.files import build_domains, domains_field, rebase_domain
 from crossroute.domains.judge import JudgeConfig, check_endpoint
 from crossroute.domains.spec import DomainSpec
 from crossroute.measure.evaluate import EvalProtocol, evaluate_checkpoint, scores_json, write_records
+from crossroute.measure.kl import KL_DEFINITION, stage_kl
 from crossroute.measure.rescore import read_records
 from crossroute.measure.stats import across_seeds
-from crossroute.model.load import check_checkpoint_dir, load_tokenizer, resolve_model_path
+from crossroute.model.load import check_checkpoint_dir, load_model, load_tokenizer, resolve_model_path
 from crossroute.repair.protect import ProtectConfig, protect_callback
 from crossroute.train.grpo import (
     grpo_kwargs,
@@ -66,6 +73,8 @@ class TrainConfig(BaseModel):
     # Several training seeds: the whole sequence runs once per seed (RUN/seeds/<k>/, each resumable) and every
     # summary figure is aggregated (mean, SD, 95 % t-interval over seeds). Eval prompts never depend on the seed.
     seeds: list[int] | None = Field(None, min_length=1)
+    kl_n: int = Field(64, ge=0, le=MAX_EVAL_N, description="eval prompts per domain for each stage's forward KL to "
+                      "the base and to the previous checkpoint (RL's Razor); 0 turns it off")
     threads: int | None = Field(None, gt=0, description="torch CPU threads per process (default: cores / processes)")
     grpo: dict[str, Any] = Field(default_factory=dict)
     stages: list[StageConfig] = Field(min_length=1)
@@ -348,10 +357,14 @@ def aggregate_seeds(results: list[dict[str, Any]], seeds: list[int], trained: li
                  "forgetting": {d: v["value"] for d, v in r["paired"]["forgetting"].items()},
                  "forgetting_significant": {d: v["significant"] for d, v in r["paired"]["forgetting"].items()}}
                 for k, r in zip(seeds, results, strict=True)]
-    return {"rows": rows, "domains": doms, "matrix": matrix,
-            **forgetting_summary(rows, matrix, doms, trained, refresh_row),
-            "seeds": {"seeds": seeds, "per_seed": per_seed,
-                      "aggregate": {k: {**across_seeds(v), "values": v} for k, v in figures.items()}}}
+    out = {"rows": rows, "domains": doms, "matrix": matrix,
+           **forgetting_summary(rows, matrix, doms, trained, refresh_row),
+           "seeds": {"seeds": seeds, "per_seed": per_seed,
+                     "aggregate": {k: {**across_seeds(v), "values": v} for k, v in figures.items()}}}
+    if all("forgetting_vs_kl" in r for r in results):  # one fit over every seed's points
+        out["forgetting_vs_kl"] = forgetting_vs_kl([{**p, "seed": k} for k, r in zip(seeds, results, strict=True)
+                                                    for p in r["forgetting_vs_kl"]["points"]])
+    return out
 
 
 def _run_one(cfg: TrainConfig, out: str | Path) -> dict[str, Any]:
@@ -368,6 +381,7 @@ def _run_one(cfg: TrainConfig, out: str | Path) -> dict[str, Any]:
     names = stage_names(cfg)
     stages = cfg.stages + ([cfg.refresh] if cfg.refresh else [])
     evals = [_evaluate_checkpoint(run, "base", base, cfg, domains)]
+    kls: dict[str, dict[str, Any] | None] = {}
     prev = base
     last_seq = run.checkpoint(names[len(cfg.stages) - 1])
     for i, (name, st) in enumerate(zip(names, stages, strict=True)):
@@ -379,6 +393,7 @@ def _run_one(cfg: TrainConfig, out: str | Path) -> dict[str, Any]:
             _say(cfg, f"[bold]stage {i + 1}/{len(stages)}: {name}[/bold] ({st.steps} GRPO steps on {st.domain})")
             _run_stage(cfg, st, name, init, run, by_name[st.domain])
         evals.append(_evaluate_checkpoint(run, name, ckpt, cfg, domains))
+        kls[name] = _stage_kl(run, name, ckpt, base, init, cfg, domains)
         prev = ckpt
     rows = ["base"] + names
     matrix = [[e["scores"][d] for d in cfg.domain_names] for e in evals]
@@ -389,9 +404,37 @@ def _run_one(cfg: TrainConfig, out: str | Path) -> dict[str, Any]:
               "ci": [[e.get("ci", {}).get(d) for d in cfg.domain_names] for e in evals],
               **forgetting_summary(rows, matrix, cfg.domain_names, trained, refresh_row),
               "paired": paired_summary(rows, per_row, cfg.domain_names, trained, refresh_row)}
+    if all(kls.values()):
+        result["kl"] = {"definition": KL_DEFINITION, "n": cfg.kl_n,
+                        "to_base": {r: kls[r]["to_base"] for r in names},
+                        "to_previous": {r: kls[r]["to_previous"] for r in names}}
+        result["forgetting_vs_kl"] = forgetting_vs_kl(
+            forgetting_points(rows, per_row, cfg.domain_names, trained, result["kl"]["to_previous"]))
     if _dist_state(cfg).is_main_process:
         run.write_result("forgetting", result)
     return result
+
+
+def _stage_kl(run: RunDir, name: str, ckpt: Path, base: Path, init: Path, cfg: TrainConfig,
+              domains: list[Domain]) -> dict[str, Any] | None:
+    """Forward KL(base || stage) and KL(init || stage) on each domain's first kl_n eval prompts, once (main process;
+    the others wait and read kl_<name>.json); None when kl_n is 0."""
+    if not cfg.kl_n:
+        return None
+    state = _dist_state(cfg)
+    if state.is_main_process and run.read_result(f"kl_{name}") is None:
+        model = load_model(ckpt)
+        ref = load_model(base)
+        to_base = stage_kl(ref.model, model.model, model.tokenizer, domains, cfg.kl_n, cfg.seed)
+        if init.resolve() != base.resolve():
+            ref = load_model(init)
+            to_prev = stage_kl(ref.model, model.model, model.tokenizer, domains, cfg.kl_n, cfg.seed)
+        else:
+            to_prev = to_base
+        run.write_result(f"kl_{name}", {"stage": name, "previous": str(init), "definition": KL_DEFINITION,
+                                        "to_base": to_base, "to_previous": to_prev})
+    _wait_for_main(state, f"measure the KL of {name}")
+    return run.read_result(f"kl_{name}")
 
 
 def run_checkpoints(run: RunDir) -> tuple[list[Path], list[str]]:

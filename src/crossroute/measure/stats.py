@@ -194,3 +194,39 @@ def across_seeds(values: Sequence[float]) -> dict[str, Any]:
     half = t * sd / math.sqrt(n)
     return {"mean": round(mean, 4), "sd": round(sd, 4), "lo": round(mean - half, 4), "hi": round(mean + half, 4),
             "n": n}
+
+
+def linear_fit(x: Sequence[float], y: Sequence[float], level: float = LEVEL, n_boot: int = N_BOOT,
+               n_perm: int = N_PERM, seed: int = 0) -> dict[str, Any]:
+    """Least-squares y = intercept + slope x with R², a pairs-bootstrap CI of slope and R², and a two-sided
+    permutation p-value of the slope (y shuffled against x); None where fewer than 3 points or x is constant."""
+    xs, ys = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    n = int(xs.size)
+    empty = {"slope": None, "intercept": None, "r2": None, "slope_ci": [None, None], "r2_ci": [None, None],
+             "p": None, "n": n}
+    if n < 3 or float(np.ptp(xs)) == 0.0:
+        return empty
+
+    def fit(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
+        da, db = a - a.mean(), b - b.mean()
+        sxx, syy = float(da @ da), float(db @ db)
+        slope = float(da @ db) / sxx if sxx > 0 else float("nan")
+        r2 = (float(da @ db) ** 2 / (sxx * syy)) if sxx > 0 and syy > 0 else float("nan")
+        return slope, float(b.mean() - slope * a.mean()), r2
+
+    slope, intercept, r2 = fit(xs, ys)
+    rng = _rng(seed)
+    idx = rng.integers(0, n, size=(n_boot, n))
+    boots = np.array([fit(xs[i], ys[i]) for i in idx])
+    ok = ~np.isnan(boots[:, 0])
+    s_lo, s_hi = _percentile(boots[ok, 0], level) if ok.any() else (float("nan"),) * 2
+    r_ok = ~np.isnan(boots[:, 2])
+    r_lo, r_hi = _percentile(boots[r_ok, 2], level) if r_ok.any() else (float("nan"),) * 2
+    perm = np.array([fit(xs, rng.permutation(ys))[0] for _ in range(n_perm)])
+    p = float((np.sum(np.abs(perm) >= abs(slope) - 1e-12) + 1) / (n_perm + 1))
+
+    def r(v: float) -> float | None:
+        return None if math.isnan(v) else round(v, 6)
+
+    return {"slope": r(slope), "intercept": r(intercept), "r2": r(r2), "slope_ci": [r(s_lo), r(s_hi)],
+            "r2_ci": [r(r_lo), r(r_hi)], "p": round(p, 6), "n": n}

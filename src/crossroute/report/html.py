@@ -79,6 +79,36 @@ def interval_plot(labels: list[str], figures: list[dict[str, Any]], title: str, 
     return fig_to_img_tag(fig, alt=title)
 
 
+def scatter_fit(xs: list[float], figures: list[dict[str, Any]], fit: dict[str, Any], title: str, xlabel: str,
+                ylabel: str, groups: list[str] | None = None) -> str:
+    """Points (paired_diff JSON each: value, lo, hi) against `xs` with their 95 % CI bars, coloured by `groups`,
+    and the least-squares line of `fit` (stats.linear_fit) with its slope CI and R² in the title."""
+    fig = Figure(figsize=(6.0, 3.8))
+    ax = fig.add_subplot()
+    groups = groups or [""] * len(xs)
+    for g in dict.fromkeys(groups):
+        idx = [i for i, gi in enumerate(groups) if gi == g]
+        vals = [num(figures[i]["value"]) for i in idx]
+        ax.errorbar([xs[i] for i in idx], vals, yerr=ci_bars(vals, [num(figures[i]["lo"]) for i in idx],
+                                                               [num(figures[i]["hi"]) for i in idx]),
+                    fmt="o", capsize=3, label=g or None)
+    ax.axhline(0, color="black", lw=0.7)
+    if fit.get("slope") is not None and xs:
+        lo_x, hi_x = min(xs), max(xs)
+        ax.plot([lo_x, hi_x], [fit["intercept"] + fit["slope"] * lo_x, fit["intercept"] + fit["slope"] * hi_x],
+                color="black", lw=1, ls="--")
+        ci = fit["slope_ci"]
+        title += (f"\nslope {fit['slope']:.3g} [{num(ci[0]):.3g}, {num(ci[1]):.3g}], R² {num(fit['r2']):.2f}, "
+                  f"p {fit['p']:.3g}, n {fit['n']}")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    if any(groups):
+        ax.legend(fontsize=8)
+    return fig_to_img_tag(fig, alt=title)
+
+
 CSS = """
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:14px}
