@@ -80,6 +80,9 @@ def test_shipped_configs_validate() -> None:
     gpu = get_preset("gpu").sequence
     assert gpu.read_text() == (root / "gpu_sequence.yaml").read_text()
     assert [s.domain for s in load_train_config(gpu).stages] == [s.domain for s in cfg.stages]
+    mixed = load_train_config(root / "mixed_vs_sequential.yaml")
+    stage = mixed.mixed.stage(mixed.stages)
+    assert (stage.steps, stage.mixture) == (240, {"code": 60.0, "math": 60.0, "qa": 60.0, "cw": 60.0})
     raw = yaml.safe_load((root / "qwen3_real.yaml").read_text())
     assert raw["grpo"]["use_vllm"] is True  # documented real-checkpoint example
     from crossroute.domains.judge import JudgeConfig

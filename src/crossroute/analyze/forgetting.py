@@ -7,36 +7,48 @@ estimate over the same prompts, with a bootstrap CI and a p-value (McNemar for 0
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from crossroute.measure.stats import linear_fit, paired_by_key, paired_diff
 
+Trained = Sequence[str | Sequence[str]]  # per stage: its domain, or a mixed stage's domains
+
+
+def stage_domains(trained: Trained) -> list[list[str]]:
+    """Each stage's domains as a list (a single-domain stage has one)."""
+    return [[t] if isinstance(t, str) else list(t) for t in trained]
+
+
+def _gain_key(row: str, d: str, doms: list[str]) -> str:
+    """A stage's own-gain key: the stage's name, or `stage:domain` for each domain of a mixed stage."""
+    return row if len(doms) == 1 else f"{row}:{d}"
+
 
 def forgetting_summary(rows: list[str], matrix: list[list[float]], domains: list[str],
-                       trained: list[str], refresh_row: int | None) -> dict[str, Any]:
+                       trained: Trained, refresh_row: int | None) -> dict[str, Any]:
     """Peak, forgetting, backward transfer and averages of E[stage, domain] (DESIGN.md 2.1).
 
-    rows[0] is the base model; rows[1..T] the sequence stages (trained[i] is stage i+1's domain);
-    refresh_row, if given, indexes the refresh row (excluded from peak/forgetting/BWT).
+    rows[0] is the base model; rows[1..T] the sequence stages (trained[i] is stage i+1's domain, or a mixed
+    stage's list of domains); refresh_row, if given, indexes the refresh row (excluded from peak/forgetting/BWT).
     """
+    per_stage = stage_domains(trained)
     seq_end = refresh_row if refresh_row is not None else len(rows)
     seq = matrix[:seq_end]
     final = seq[-1]
     peak = {d: max(r[j] for r in seq) for j, d in enumerate(domains)}
     forgetting = {d: peak[d] - final[j] for j, d in enumerate(domains)}
     # BWT over trained domains but the last: score at the end minus score right after its own stage.
-    bwt_terms = []
-    for i, d in enumerate(trained[:-1]):
-        j = domains.index(d)
-        bwt_terms.append(final[j] - seq[i + 1][j])
+    bwt_terms = [final[domains.index(d)] - seq[i + 1][domains.index(d)]
+                 for i, doms in enumerate(per_stage[:-1]) for d in doms]
     out: dict[str, Any] = {
         "peak": peak,
         "forgetting": forgetting,
         "backward_transfer": sum(bwt_terms) / len(bwt_terms) if bwt_terms else 0.0,
         "average_base": sum(matrix[0]) / len(domains),
         "average_final": sum(final) / len(domains),
-        "own_stage_gain": {f"{i + 1:02d}_{d}": seq[i + 1][domains.index(d)] - seq[i][domains.index(d)]
-                           for i, d in enumerate(trained)},
+        "own_stage_gain": {_gain_key(rows[i + 1], d, doms): seq[i + 1][domains.index(d)] - seq[i][domains.index(d)]
+                           for i, doms in enumerate(per_stage) for d in doms},
     }
     if refresh_row is not None:
         ref = matrix[refresh_row]
@@ -77,7 +89,7 @@ def _diff(a: dict[str, float], b: dict[str, float], sign: float = 1.0) -> dict[s
     return d.to_json()
 
 
-def paired_summary(rows: list[str], per_row: list[PerExample], domains: list[str], trained: list[str],
+def paired_summary(rows: list[str], per_row: list[PerExample], domains: list[str], trained: Trained,
                    refresh_row: int | None) -> dict[str, Any]:
     """Every difference of the summary as a paired estimate over the same prompts: CI and p-value.
 
@@ -86,13 +98,14 @@ def paired_summary(rows: list[str], per_row: list[PerExample], domains: list[str
     the stage's row minus the row before. Refresh: its row minus the end of the sequence, for every domain."""
     seq_end = refresh_row if refresh_row is not None else len(rows)
     end = seq_end - 1
+    per_stage = stage_domains(trained)
     forgetting: dict[str, Any] = {}
     for d in domains:
-        own = max((i + 1 for i, t in enumerate(trained) if t == d), default=0)
+        own = max((i + 1 for i, t in enumerate(per_stage) if d in t), default=0)
         forgetting[d] = {"from": rows[own], "to": rows[end],
                          **_diff(per_row[own].get(d, {}), per_row[end].get(d, {}), sign=-1.0)}
-    gains = {rows[i + 1]: {"domain": t, **_diff(per_row[i].get(t, {}), per_row[i + 1].get(t, {}))}
-             for i, t in enumerate(trained)}
+    gains = {_gain_key(rows[i + 1], t, doms): {"domain": t, **_diff(per_row[i].get(t, {}), per_row[i + 1].get(t, {}))}
+             for i, doms in enumerate(per_stage) for t in doms}
     out: dict[str, Any] = {"forgetting": forgetting, "own_stage_gain": gains}
     if refresh_row is not None:
         out["refresh"] = {d: _diff(per_row[end].get(d, {}), per_row[refresh_row].get(d, {})) for d in domains}
@@ -115,22 +128,23 @@ KL_FORGETTING_DEFINITION = (
     "pairs-bootstrap CI of the slope and R² and a permutation p-value of the slope")
 
 
-def forgetting_points(rows: list[str], per_row: list[PerExample], domains: list[str], trained: list[str],
+def forgetting_points(rows: list[str], per_row: list[PerExample], domains: list[str], trained: Trained,
                       kl_previous: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
     """The (KL, drop) points of KL_FORGETTING_DEFINITION for one run; `kl_previous[row][domain]` is the KL of that
-    stage to the row before it (measure.kl.stage_kl)."""
+    stage to the row before it (measure.kl.stage_kl). A mixed stage's new-task KL is the mean over its domains."""
     points = []
-    for i, t in enumerate(trained):
+    for i, own in enumerate(stage_domains(trained)):
         row = rows[i + 1]
         kl = kl_previous.get(row)
-        if not kl or t not in kl:
+        if not kl or any(t not in kl for t in own):
             continue
+        new_task = sum(kl[t]["kl_token"] for t in own) / len(own)
         for d in domains:
-            if d == t or d not in kl:
+            if d in own or d not in kl:
                 continue
             drop = _diff(per_row[i].get(d, {}), per_row[i + 1].get(d, {}), sign=-1.0)
-            points.append({"stage": row, "stage_domain": t, "domain": d, "drop": drop,
-                           "kl_new_task": kl[t]["kl_token"], "kl_on_domain": kl[d]["kl_token"]})
+            points.append({"stage": row, "stage_domain": "+".join(own), "domain": d, "drop": drop,
+                           "kl_new_task": new_task, "kl_on_domain": kl[d]["kl_token"]})
     return points
 
 

@@ -28,9 +28,9 @@ PROTECT_CONFIG = ASSETS / "protected_sequence.yaml"  # identical to configs/prot
 def repair_target(cfg: TrainConfig) -> tuple[str, int, list[str]]:
     """The domain the demo diagnoses and repairs (the refresh's, else the first stage's), the index of its stage
     and the domains trained after it: in the seed's Code -> Math -> QA -> CW, math at stage 1 and [qa, cw]."""
-    target = cfg.refresh.domain if cfg.refresh else cfg.stages[0].domain
+    target = cfg.refresh.domain if cfg.refresh else cfg.stages[0].label
     i = next(k for k, st in enumerate(cfg.stages) if st.domain == target)
-    return target, i, [st.domain for st in cfg.stages[i + 1:]]
+    return target, i, [d for st in cfg.stages[i + 1:] for d in st.mixture]
 
 
 def rollback_pair(later: list[str]) -> list[str]:

@@ -6,6 +6,8 @@ and its evaluation written. The forgetting matrix and the refresh analysis land 
 
 from __future__ import annotations
 
+import json
+import math
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from crossroute.analyze.forgetting import (
+    PerExample,
+    compare_runs,
     forgetting_points,
     forgetting_summary,
     forgetting_vs_kl,
@@ -43,18 +47,72 @@ from crossroute.train.grpo import (
     train_grpo_stage,
     warn_cpu_overrides,
 )
+from crossroute.train.mixture import mixture_rewards, mixture_rows
 
 
 class StageConfig(BaseModel):
-    """One RL stage: a domain, a number of optimizer steps, and GRPOConfig overrides for this stage."""
+    """One RL stage: a domain (or a mixture: a list, or a mapping of domains to weights), a number of optimizer
+    steps, and GRPOConfig overrides for this stage."""
 
     model_config = ConfigDict(extra="forbid")
 
-    domain: str
+    domain: str | list[str] | dict[str, float]
     steps: int = Field(gt=0)
     grpo: dict[str, Any] = Field(default_factory=dict)
     # Optional: protect earlier domains' conflict units during this stage (crossroute.protect).
     protect: ProtectConfig | None = None
+
+    @field_validator("domain")
+    @classmethod
+    def _mixture(cls, v: str | list[str] | dict[str, float]) -> str | list[str] | dict[str, float]:
+        if isinstance(v, str):
+            return v
+        names = list(v)
+        if not names:
+            raise ValueError("a mixed stage needs at least one domain")
+        if len(set(names)) != len(names):
+            raise ValueError(f"{names}: each domain once")
+        if isinstance(v, dict) and not all(math.isfinite(w) and w > 0 for w in v.values()):
+            raise ValueError(f"{v}: weights must be finite and > 0")
+        return v
+
+    @property
+    def mixture(self) -> dict[str, float]:
+        """The stage's domains with their weights (a single domain has weight 1)."""
+        if isinstance(self.domain, str):
+            return {self.domain: 1.0}
+        return dict(self.domain) if isinstance(self.domain, dict) else {d: 1.0 for d in self.domain}
+
+    @property
+    def label(self) -> str:
+        """The stage's name part: its domain, or its mixture's domains joined by '+'."""
+        return "+".join(self.mixture)
+
+    @property
+    def mixed(self) -> bool:
+        return not isinstance(self.domain, str)
+
+
+class MixedBaseline(BaseModel):
+    """Mixed RL beside the sequence: one GRPO stage from the same base on a mixture of the sequence's domains, with
+    the same total steps by default, trained in RUN/mixed/ and compared with the end of the sequence."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int | None = Field(None, gt=0, description="default: the sequence's total steps (the same compute)")
+    weights: dict[str, float] | None = Field(None, description="default: the sequence's domains, each weighted by "
+                                             "its stages' steps")
+    grpo: dict[str, Any] = Field(default_factory=dict)
+
+    def stage(self, stages: list[StageConfig]) -> StageConfig:
+        """The mixed stage that matches `stages`."""
+        weights = self.weights
+        if weights is None:
+            weights = {}
+            for st in stages:
+                for d, w in st.mixture.items():
+                    weights[d] = weights.get(d, 0.0) + st.steps * w / sum(st.mixture.values())
+        return StageConfig(domain=dict(weights), steps=self.steps or sum(st.steps for st in stages), grpo=self.grpo)
 
 
 class TrainConfig(BaseModel):
@@ -79,6 +137,7 @@ class TrainConfig(BaseModel):
     grpo: dict[str, Any] = Field(default_factory=dict)
     stages: list[StageConfig] = Field(min_length=1)
     refresh: StageConfig | None = None
+    mixed: MixedBaseline | None = None  # mixed RL beside the sequence (configs/mixed_vs_sequential.yaml)
     # An OpenAI-compatible LLM judge: the scorer of every `scorer: judge` domain, as reward and in eval.
     judge: JudgeConfig | None = None
     _built: dict[str, Domain] | None = PrivateAttr(None)
@@ -103,18 +162,30 @@ class TrainConfig(BaseModel):
             raise ValueError(err)
         for i, st in enumerate(self.stages + ([self.refresh] if self.refresh else [])):
             where = f"stages[{i}]" if i < len(self.stages) else "refresh"
-            if st.domain not in self.domains:
-                raise ValueError(f"{where}.domain {st.domain!r} is not declared in domains {names}")
+            missing = next((d for d in st.mixture if d not in self.domains), None)
+            if missing:
+                raise ValueError(f"{where}.domain {missing!r} is not declared in domains {names}")
+            if st.mixed and (where == "refresh" or st.protect is not None):
+                raise ValueError(f"{where}.domain: a mixture is for sequence stages without protect; give one domain")
             err = reserved_grpo_error(st.grpo, f"{where}.grpo")
             if err:
                 raise ValueError(err)
             if st.protect is not None:
-                _check_protect(st.protect, st.domain, where, names, [s.domain for s in self.stages[:i]])
+                _check_protect(st.protect, st.label, where, names, [d for s in self.stages[:i] for d in s.mixture])
+        if self.mixed is not None:
+            missing = next((d for d in (self.mixed.weights or {}) if d not in self.domains), None)
+            if missing:
+                raise ValueError(f"mixed.weights: {missing!r} is not declared in domains {names}")
+            err = reserved_grpo_error(self.mixed.grpo, "mixed.grpo")
+            if err:
+                raise ValueError(err)
+            self.mixed.stage(self.stages)  # weights > 0
         built = self.built_domains()
         for i, st in enumerate(self.stages + ([self.refresh] if self.refresh else [])):
             where = f"stages[{i}]" if i < len(self.stages) else "refresh"
-            if not built[st.domain].examples("train", 1):
-                raise ValueError(f"{where}.domain {st.domain!r} has no train rows (only an eval file?); give it a "
+            dry = next((d for d in st.mixture if not built[d].examples("train", 1)), None)
+            if dry:
+                raise ValueError(f"{where}.domain {dry!r} has no train rows (only an eval file?); give it a "
                                  "train file to train on")
         empty = next((n for n, d in built.items() if not d.examples("eval", 1)), None)
         if empty:
@@ -149,7 +220,7 @@ def _check_protect(protect: ProtectConfig, own: str, where: str, declared: list[
 
 def stage_names(cfg: TrainConfig) -> list[str]:
     """Checkpoint/result names of the stages in order: 01_math, 02_code, ..., refresh_math."""
-    names = [f"{i + 1:02d}_{st.domain}" for i, st in enumerate(cfg.stages)]
+    names = [f"{i + 1:02d}_{st.label}" for i, st in enumerate(cfg.stages)]
     if cfg.refresh:
         names.append(f"refresh_{cfg.refresh.domain}")
     return names
@@ -180,8 +251,8 @@ def parse_train_config(raw: dict[str, Any], where: str = "config") -> TrainConfi
     for i, st in enumerate(cfg.stages + ([cfg.refresh] if cfg.refresh else [])):
         label = f"{where}: stages[{i}]" if i < len(cfg.stages) else f"{where}: refresh"
         warn_cpu_overrides(st.grpo, f"{label}.grpo")
-        dom = cfg.built_domains()[st.domain]
-        make_grpo_config(domain_grpo_kwargs(cfg, st, dom, tempfile.gettempdir()), label)
+        doms = [cfg.built_domains()[d] for d in st.mixture]
+        make_grpo_config(domain_grpo_kwargs(cfg, st, doms, tempfile.gettempdir()), label)
     return cfg
 
 
@@ -191,7 +262,8 @@ def parse_train_config(raw: dict[str, Any], where: str = "config") -> TrainConfi
 
 # ----------------------------------------------------------------------------- the run
 
-def _run_stage(cfg: TrainConfig, stage: StageConfig, name: str, init: Path, run: RunDir, domain: Domain) -> None:
+def _run_stage(cfg: TrainConfig, stage: StageConfig, name: str, init: Path, run: RunDir,
+               domains: list[Domain]) -> None:
     """Train one GRPO stage from checkpoint `init` and save it atomically as checkpoints/<name>; its scratch
     RUN/.work/<name> (TRL's output_dir) is made fresh by the main process and removed once the stage is saved."""
     state = _dist_state(cfg)
@@ -199,10 +271,15 @@ def _run_stage(cfg: TrainConfig, stage: StageConfig, name: str, init: Path, run:
     if state.is_main_process:
         run.work_dir(name)  # a killed stage restarts from its initial checkpoint, with fresh scratch
     _wait_for_main(state, f"start stage {name}")
-    args = make_grpo_config(domain_grpo_kwargs(cfg, stage, domain, str(work)), f"stage {name}")
+    args = make_grpo_config(domain_grpo_kwargs(cfg, stage, domains, str(work)), f"stage {name}")
     configure_threads(cfg.threads)  # GRPOConfig re-creates accelerate's state, which may reset torch's threads on CPU
-    rows = domain.train_rows(domain.examples("train", cfg.train_prompts, seed=cfg.seed), load_tokenizer(init))
-    reward = domain.reward_func()
+    domain = domains[0]
+    if stage.mixed:
+        rows = mixture_rows(domains, stage.mixture, cfg.train_prompts, cfg.seed, load_tokenizer(init))
+        reward: Any = mixture_rewards(domains)
+    else:
+        rows = domain.train_rows(domain.examples("train", cfg.train_prompts, seed=cfg.seed), load_tokenizer(init))
+        reward = domain.reward_func()
     protect = stage.protect
 
     def callbacks(model: Any, tokenizer: Any, args: Any) -> list[Any]:
@@ -215,21 +292,27 @@ def _run_stage(cfg: TrainConfig, stage: StageConfig, name: str, init: Path, run:
     done = train_grpo_stage(init, rows, reward, args, run.checkpoint(name), callbacks, label=name,
                             log_dir=run.root / "logs")
     if done.is_main:
-        run.write_result(f"train_{name}", {"stage": name, "domain": domain.name, "steps": stage.steps,
+        run.write_result(f"train_{name}", {"stage": name, "domain": stage.label, "steps": stage.steps,
                                            "seconds": done.seconds, "log": done.log,
                                            **({"protect": done.callbacks[0].summary()} if done.callbacks else {})})
         run.remove_work(name)  # and .work itself once empty; train_grpo_stage returns after every process is done
 
 
-def domain_grpo_kwargs(cfg: TrainConfig, stage: StageConfig, domain: Domain, output_dir: str) -> dict[str, Any]:
-    """GRPOConfig arguments for a stage on `domain`: a file domain's generation budget and chat-template
-    arguments apply unless the run's or the stage's `grpo:` sets them."""
+def domain_grpo_kwargs(cfg: TrainConfig, stage: StageConfig, domains: list[Domain],
+                       output_dir: str) -> dict[str, Any]:
+    """GRPOConfig arguments for a stage on `domains` (one, or a mixture's): a file domain's generation budget (the
+    largest of a mixture's) and chat-template arguments apply unless the run's or the stage's `grpo:` sets them."""
     given = {**cfg.grpo, **stage.grpo}
     derived: dict[str, Any] = {}
-    if domain.source != "builtin" and "max_completion_length" not in given:
-        derived["max_completion_length"] = domain.max_new_tokens
-    if domain.chat_template_kwargs and "chat_template_kwargs" not in given:
-        derived["chat_template_kwargs"] = dict(domain.chat_template_kwargs)
+    budgets = [d.max_new_tokens for d in domains if d.source != "builtin"]
+    if budgets and "max_completion_length" not in given:
+        derived["max_completion_length"] = max(budgets)
+    kwargs = {json.dumps(d.chat_template_kwargs or {}, sort_keys=True) for d in domains}
+    if len(kwargs) > 1 and "chat_template_kwargs" not in given:
+        raise CrossrouteError(f"stage {stage.label}: its domains' chat_template_kwargs differ ({sorted(kwargs)}); "
+                              "TRL renders one stage with one set: set grpo.chat_template_kwargs for the stage")
+    if domains[0].chat_template_kwargs and "chat_template_kwargs" not in given:
+        derived["chat_template_kwargs"] = dict(domains[0].chat_template_kwargs)
     return grpo_kwargs({**derived, **cfg.grpo}, stage.grpo, stage.steps, cfg.seed, output_dir)
 
 
@@ -329,13 +412,13 @@ def run_training(cfg: TrainConfig, out: str | Path) -> dict[str, Any]:
         one = cfg.model_copy(update={"seed": k, "seeds": None})
         one._built = {d.name: d for d in pinned}  # every seed scores the parent run's pinned prompts
         results.append(_run_one(one, run.root / "seeds" / str(k)))
-    result = aggregate_seeds(results, list(cfg.seeds), [s.domain for s in cfg.stages])
+    result = aggregate_seeds(results, list(cfg.seeds), [list(s.mixture) for s in cfg.stages])
     if _dist_state(cfg).is_main_process:
         run.write_result("forgetting", result)
     return result
 
 
-def aggregate_seeds(results: list[dict[str, Any]], seeds: list[int], trained: list[str]) -> dict[str, Any]:
+def aggregate_seeds(results: list[dict[str, Any]], seeds: list[int], trained: list[list[str]]) -> dict[str, Any]:
     """One forgetting result from per-seed ones: the mean matrix with its summary, every paired figure per seed,
     and its mean, SD and 95 % t-interval over seeds."""
     rows, doms = results[0]["rows"], results[0]["domains"]
@@ -351,6 +434,8 @@ def aggregate_seeds(results: list[dict[str, Any]], seeds: list[int], trained: li
             figures.setdefault(f"own_stage_gain:{stage}", []).append(v["value"])
         for d, v in (paired.get("refresh") or {}).items():
             figures.setdefault(f"refresh_change:{d}", []).append(v["value"])
+        for d, v in (r.get("mixed_vs_sequential") or {}).get("difference", {}).items():
+            figures.setdefault(f"mixed_minus_sequential:{d}", []).append(v["value"])
         figures.setdefault("backward_transfer", []).append(r["backward_transfer"])
         figures.setdefault("average_final", []).append(r["average_final"])
     per_seed = [{"seed": k, "matrix": r["matrix"],
@@ -390,20 +475,24 @@ def _run_one(cfg: TrainConfig, out: str | Path) -> dict[str, Any]:
         if run.has_checkpoint(name):
             _say(cfg, f"[dim]stage {name}: done, skipped[/dim]")
         else:
-            _say(cfg, f"[bold]stage {i + 1}/{len(stages)}: {name}[/bold] ({st.steps} GRPO steps on {st.domain})")
-            _run_stage(cfg, st, name, init, run, by_name[st.domain])
+            _say(cfg, f"[bold]stage {i + 1}/{len(stages)}: {name}[/bold] ({st.steps} GRPO steps on "
+                      f"{' + '.join(st.mixture)})")
+            _run_stage(cfg, st, name, init, run, [by_name[d] for d in st.mixture])
         evals.append(_evaluate_checkpoint(run, name, ckpt, cfg, domains))
         kls[name] = _stage_kl(run, name, ckpt, base, init, cfg, domains)
         prev = ckpt
     rows = ["base"] + names
     matrix = [[e["scores"][d] for d in cfg.domain_names] for e in evals]
     refresh_row = len(rows) - 1 if cfg.refresh else None
-    trained = [s.domain for s in cfg.stages]
+    trained = [list(s.mixture) for s in cfg.stages]
     per_row = [per_example_scores(read_records(run.results / f"eval_{r}.jsonl")) for r in rows]
     result = {"rows": rows, "domains": cfg.domain_names, "matrix": matrix,
               "ci": [[e.get("ci", {}).get(d) for d in cfg.domain_names] for e in evals],
               **forgetting_summary(rows, matrix, cfg.domain_names, trained, refresh_row),
               "paired": paired_summary(rows, per_row, cfg.domain_names, trained, refresh_row)}
+    if cfg.mixed is not None:
+        end = len(cfg.stages)
+        result["mixed_vs_sequential"] = _mixed_beside(cfg, run, domains, rows[end], per_row[end], matrix[end])
     if all(kls.values()):
         result["kl"] = {"definition": KL_DEFINITION, "n": cfg.kl_n,
                         "to_base": {r: kls[r]["to_base"] for r in names},
@@ -413,6 +502,24 @@ def _run_one(cfg: TrainConfig, out: str | Path) -> dict[str, Any]:
     if _dist_state(cfg).is_main_process:
         run.write_result("forgetting", result)
     return result
+
+
+def _mixed_beside(cfg: TrainConfig, run: RunDir, domains: list[Domain], seq_row: str, seq_scores: PerExample,
+                  seq_means: list[float]) -> dict[str, Any]:
+    """Train the mixed baseline in RUN/mixed (resumable, same pinned prompts) and compare its end with the end of
+    the sequence per domain: mixed minus sequential, paired over the same prompts."""
+    stage = cfg.mixed.stage(cfg.stages)
+    sub = cfg.model_copy(update={"stages": [stage], "refresh": None, "mixed": None, "seeds": None})
+    sub._built = {d.name: d for d in domains}
+    _say(cfg, f"[bold]mixed RL beside the sequence[/bold]: {stage.steps} steps on "
+              + " + ".join(f"{d} ({w:g})" for d, w in stage.mixture.items()))
+    mixed = _run_one(sub, run.root / "mixed")
+    row = mixed["rows"][-1]
+    mixed_scores = per_example_scores(read_records(run.root / "mixed" / "results" / f"eval_{row}.jsonl"))
+    return {"sequential": seq_row, "mixed": f"mixed/{row}", "steps": stage.steps, "weights": stage.mixture,
+            "scores": {"sequential": dict(zip(cfg.domain_names, seq_means, strict=True)),
+                       "mixed": dict(zip(cfg.domain_names, mixed["matrix"][-1], strict=True))},
+            "difference": compare_runs([seq_row], [seq_scores], [mixed_scores], cfg.domain_names)[seq_row]}
 
 
 def _stage_kl(run: RunDir, name: str, ckpt: Path, base: Path, init: Path, cfg: TrainConfig,

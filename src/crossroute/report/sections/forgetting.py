@@ -58,6 +58,8 @@ def render(run: RunDir) -> str | None:
                       [[k, v["mean"], v["sd"] if v["sd"] is not None else "-",
                         v["lo"] if v["lo"] is not None else "-", v["hi"] if v["hi"] is not None else "-",
                         ", ".join(f"{x:+.2f}" for x in v["values"])] for k, v in sd["aggregate"].items()])
+    if "mixed_vs_sequential" in res:
+        body += _mixed_part(res["mixed_vs_sequential"])
     if "forgetting_vs_kl" in res:
         body += _kl_part(res)
     if "refresh" in res:
@@ -99,5 +101,23 @@ def _kl_part(res: dict) -> str:
                     "-" if f["r2"] is None else f"{f['r2']:.3f}",
                     f"[{num(f['r2_ci'][0]):.2f}, {num(f['r2_ci'][1]):.2f}]",
                     "-" if f["p"] is None else f"{f['p']:.3g}", f["n"]] for name, f in fits])
+    return body
+
+
+def _mixed_part(mx: dict) -> str:
+    """Mixed RL (one stage on the mixture, same base and steps) beside the end of the sequence."""
+    diff = mx["difference"]
+    weights = ", ".join(f"{d} {w:g}" for d, w in mx["weights"].items())
+    body = ("<h3>Mixed RL beside the sequence</h3><p>One GRPO stage from the same base on the mixture of the "
+            f"sequence's domains ({html.escape(weights)}; {mx['steps']} steps, the sequence's total unless set), "
+            f"each prompt rewarded by its own domain's scorer (run in RUN/{html.escape(mx['mixed'].split('/')[0])}/). "
+            f"Mixed minus the end of the sequence ({html.escape(mx['sequential'])}), paired over the same "
+            "prompts:</p>")
+    body += interval_plot([f"mixed - seq. {d}" for d in diff], list(diff.values()), "mixed minus sequential RL",
+                          "points")
+    body += table(["domain", "sequential", "mixed", "mixed - sequential", "CI low", "CI high", "p"],
+                  [[d, float(mx["scores"]["sequential"][d]), float(mx["scores"]["mixed"][d]),
+                    f"{v['value']:+.2f}{'*' if v.get('significant') else ''}", num(v["lo"]), num(v["hi"]),
+                    num(v["p"])] for d, v in diff.items()])
     return body
 
