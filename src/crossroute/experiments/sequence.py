@@ -42,6 +42,7 @@ from crossroute.model.load import check_checkpoint_dir, load_model, load_tokeniz
 from crossroute.repair.protect import ProtectConfig, protect_callback
 from crossroute.train.grpo import (
     grpo_kwargs,
+    lora_config,
     make_grpo_config,
     reserved_grpo_error,
     train_grpo_stage,
@@ -61,6 +62,9 @@ class StageConfig(BaseModel):
     grpo: dict[str, Any] = Field(default_factory=dict)
     # Optional: protect earlier domains' conflict units during this stage (crossroute.protect).
     protect: ProtectConfig | None = None
+    # Optional: train a LoRA adapter (PEFT LoraConfig fields: r, lora_alpha, target_modules, ...) instead of every
+    # weight; the stage's checkpoint holds the merged weights and RUN/adapters/<stage>/ the adapter.
+    peft: dict[str, Any] | None = None
 
     @field_validator("domain")
     @classmethod
@@ -170,6 +174,14 @@ class TrainConfig(BaseModel):
             err = reserved_grpo_error(st.grpo, f"{where}.grpo")
             if err:
                 raise ValueError(err)
+            if st.peft is not None and st.protect is not None:
+                raise ValueError(f"{where}: protect and peft together are not supported (protect edits the full "
+                                 "weights' gradients); drop one")
+            if st.peft is not None:
+                try:
+                    lora_config(st.peft, where)
+                except CrossrouteError as e:
+                    raise ValueError(str(e)) from None
             if st.protect is not None:
                 _check_protect(st.protect, st.label, where, names, [d for s in self.stages[:i] for d in s.mixture])
         if self.mixed is not None:
@@ -289,8 +301,10 @@ def _run_stage(cfg: TrainConfig, stage: StageConfig, name: str, init: Path, run:
         return [protect_callback(protect, model, tokenizer, domain, args.learning_rate, stage.steps, seed=cfg.seed,
                                 earlier=earlier)]
 
+    peft = lora_config(stage.peft, name) if stage.peft is not None else None
     done = train_grpo_stage(init, rows, reward, args, run.checkpoint(name), callbacks, label=name,
-                            log_dir=run.root / "logs")
+                            log_dir=run.root / "logs", peft=peft,
+                            adapter_to=run.root / "adapters" / name if peft is not None else None)
     if done.is_main:
         run.write_result(f"train_{name}", {"stage": name, "domain": stage.label, "steps": stage.steps,
                                            "seconds": done.seconds, "log": done.log,

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from crossroute.core.atomic import atomic_dir
 from crossroute.core.errors import CrossrouteError
 from crossroute.model.load import load_model, load_tokenizer, save_model
 from crossroute.train.stagelog import check_report_to, quiet, report_to_error, stage_log, tracker_dirs
@@ -131,13 +132,35 @@ class StageRun:
     is_main: bool
 
 
+def lora_config(peft: dict[str, Any], where: str) -> Any:
+    """PEFT's LoraConfig from a stage's `peft:` mapping (task_type CAUSAL_LM), its errors as one line."""
+    import dataclasses as dc
+
+    from peft import LoraConfig
+
+    names = {f.name for f in dc.fields(LoraConfig)}
+    unknown = sorted(set(peft) - names)
+    if unknown:
+        raise CrossrouteError(f"{where}.peft.{unknown[0]}: not a LoraConfig field (PEFT); e.g. r, lora_alpha, "
+                              "target_modules, lora_dropout")
+    if peft.get("use_dora"):
+        raise CrossrouteError(f"{where}.peft.use_dora: DoRA is not supported (crossroute analyses LoRA's scale*B A "
+                              "updates); remove it")
+    try:
+        return LoraConfig(**{"task_type": "CAUSAL_LM", **peft})
+    except (ValueError, TypeError) as e:
+        raise CrossrouteError(f"{where}.peft: {str(e).splitlines()[0]}") from None
+
+
 def train_grpo_stage(init: Path, rows: list[dict[str, Any]], reward: Any, args: Any, save_to: Path,
                      callbacks: CallbackFactory | None = None, label: str | None = None,
-                     log_dir: Path | None = None) -> StageRun:
+                     log_dir: Path | None = None, peft: Any = None, adapter_to: Path | None = None) -> StageRun:
     """Train one GRPO stage from checkpoint `init` on prompt `rows` and save it atomically to `save_to`.
 
     The terminal shows one progress line (`label`, default save_to's name); TRL's full log goes to
-    `log_dir/<label>.jsonl` and to the trackers in `args.report_to` (crossroute.train.stagelog)."""
+    `log_dir/<label>.jsonl` and to the trackers in `args.report_to` (crossroute.train.stagelog). With `peft` (a
+    LoraConfig) TRL trains a LoRA adapter: it is saved to `adapter_to` and `save_to` gets the merged weights, so
+    later stages and every analysis read a full checkpoint."""
     from datasets import Dataset
     from trl import GRPOTrainer
 
@@ -149,16 +172,24 @@ def train_grpo_stage(init: Path, rows: list[dict[str, Any]], reward: Any, args: 
     log = stage_log(f"GRPO {label}", args.max_steps, log_dir / f"{label}.jsonl" if log_dir is not None else None)
     with tracker_dirs(list(args.report_to or []), log_dir, label):
         trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=Dataset.from_list(rows),
-                              processing_class=tokenizer, callbacks=[*cbs, log])
+                              processing_class=tokenizer, callbacks=[*cbs, log], peft_config=peft)
     quiet(trainer)
     t0 = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - t0
     # Every process takes part in gathering the weights (sharded under ZeRO-3/FSDP); the main one writes them.
-    state_dict = trainer.accelerator.get_state_dict(trainer.model)
     is_main = trainer.accelerator.is_main_process
-    if is_main:
-        save_model(trainer.accelerator.unwrap_model(trainer.model), tokenizer, save_to, state_dict=state_dict)
+    if peft is not None:
+        if is_main:
+            trained = trainer.accelerator.unwrap_model(trainer.model)
+            if adapter_to is not None:
+                with atomic_dir(adapter_to, force=False) as tmp:
+                    trained.save_pretrained(tmp, safe_serialization=True)
+            save_model(trained.merge_and_unload(), tokenizer, save_to)
+    else:
+        state_dict = trainer.accelerator.get_state_dict(trainer.model)
+        if is_main:
+            save_model(trainer.accelerator.unwrap_model(trainer.model), tokenizer, save_to, state_dict=state_dict)
     history = [h for h in trainer.state.log_history if "reward" in h]
     trainer.accelerator.wait_for_everyone()
     return StageRun(round(seconds, 2), history, cbs, is_main)
