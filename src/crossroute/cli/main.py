@@ -365,17 +365,32 @@ def diff(
     out: Annotated[Path | None, typer.Option(file_okay=False, help="run directory for results/diff.json (default: "
                                              "the run)")] = None,
     top_k: Annotated[float, typer.Option(help="top-k % changed units per kind, in (0, 100]")] = 1.0,
+    base: Annotated[str | None, typer.Option(help="with a trajectory folder: the checkpoint before its first step "
+                                             "(or 'default')")] = None,
 ) -> None:
     """Update anatomy of each checkpoint against its predecessor, streamed tensor by tensor (fp32).
 
     Example: crossroute diff runs/demo    or    crossroute diff BASE STAGE1 STAGE2 --out runs/diff
+    A folder of checkpoint-N/ (or global_step_N/, step_N/) folders is a trajectory: one interval per step.
     """
     check_range("--top-k", top_k, 0, 100)
     from crossroute.analyze.diff import diff_sequence, write_diff_results
     from crossroute.core.rundir import load_run, open_run
     from crossroute.experiments.sequence import run_checkpoints
+    from crossroute.model.load import resolve_model_path
+    from crossroute.model.trajectory import is_trajectory, trajectory
 
-    if len(paths) == 1:
+    if base is not None and not (len(paths) == 1 and is_trajectory(paths[0])):
+        raise CrossrouteError("--base: only with one trajectory folder (checkpoint-N/ folders); otherwise pass the "
+                              "base as the first checkpoint.")
+    if len(paths) == 1 and is_trajectory(paths[0]):
+        steps = trajectory(paths[0])
+        ckpts = ([resolve_model_path(base)] if base else []) + [p for _, p in steps]
+        names = (["base"] if base else []) + [f"step_{s}" for s, _ in steps]
+        if len(ckpts) < 2:
+            raise CrossrouteError(f"{paths[0]}: one step folder only; pass --base BASE to diff it against its start.")
+        run = open_run(out or Path("runs/diff"), {"checkpoints": [str(c) for c in ckpts]}, kind="diff")
+    elif len(paths) == 1:
         run = load_run(paths[0])
         ckpts, names = run_checkpoints(run)
         if out is not None:
@@ -386,6 +401,8 @@ def diff(
     result = diff_sequence(ckpts, top_k_percent=top_k, progress=True)
     data = result.to_json()
     data["stage_names"] = names[1:]
+    if names[-1].startswith("step_"):
+        data["steps"] = [int(n.removeprefix("step_")) if n.startswith("step_") else None for n in names]
     write_diff_results(data, run.root)
     for name, st in zip(names[1:], data["stages"], strict=True):
         below = ", ".join(f"<{t:g}: {100 * f:.1f}%" for t, f in zip(st["thresholds"], st["below_fraction"],

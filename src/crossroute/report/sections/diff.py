@@ -23,6 +23,8 @@ def render_diff_section(results: dict) -> str:
              "|δ| &lt; τ; * marks a τ below the storage dtype's resolution for most entries.</p>",
              _threshold_table(stages, names), _module_table(stages, names), _units_table(stages, names),
              _histogram_img(stages, names)]
+    if results.get("steps"):
+        parts.append(_sparsity_curve(stages, results["steps"]))
     jac = results.get("jaccard") or {}
     for kind in _ordered(jac, UNIT_KINDS):
         if len(names) > 1:
@@ -31,6 +33,20 @@ def render_diff_section(results: dict) -> str:
                                  f"Jaccard of top-{pct}% changed {kind} units"))
     parts.append("</section>")
     return "\n".join(parts)
+
+
+def _sparsity_curve(stages: list[dict], steps: list[int | None]) -> str:
+    """A trajectory's share of entries changed by less than each τ per interval, over training steps (exact counts
+    over every entry, not estimates)."""
+    from crossroute.report.html import line_plot
+
+    labels = [f"{'start' if a is None else a}-{b}" for a, b in zip(steps[:-1], steps[1:], strict=True)]
+    taus = stages[0]["thresholds"]
+    series = {f"|δ| < {t:g}": [100 * s["below_fraction"][i] for s in stages] for i, t in enumerate(taus)}
+    series["δ = 0"] = [100 * s["zero_fraction"] for s in stages]
+    return ("<h3>Sparsity over the trajectory</h3><p>Per interval between saved steps: the share of entries "
+            "that changed by less than each threshold (exact counts over every entry).</p>"
+            + line_plot(labels, series, "entries barely changed, per interval of steps", "% of entries"))
 
 
 def _threshold_table(stages: list[dict], names: list[str]) -> str:
