@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import make_tiny
+from crossroute.analyze import subspace
 from crossroute.analyze.subspace import (
     conflict_subspace,
     extreme_eigenpairs,
@@ -15,6 +18,7 @@ from crossroute.analyze.subspace import (
     lanczos,
     random_basis,
     subspace_analysis,
+    top_abs_indices,
 )
 from crossroute.core.errors import CrossrouteError
 from crossroute.domains.files import get_domain
@@ -180,26 +184,28 @@ def test_non_positive_dhd_gives_no_r90() -> None:
         subspace_analysis(_matvec(h), torch.zeros(50, dtype=F64))
 
 
-def test_conflict_subspace_on_a_tiny_model_matches_the_explicit_hessian(tmp_path: Path) -> None:
-    """Through the model's HVPs on 3 neurons (144 entries): eigenpairs vs eigh of the Hessian built column by column."""
+def _tiny_problem(tmp_path: Path, dtype: torch.dtype, shared: dict[str, set[str]], sym_rtol: float = 1e-9) -> dict:
+    """A tiny model in `dtype`, δ, g, and H on the `shared` units' entries built column by column in float64
+    through the full-size per-tensor path (grad_and_hvp on a float64 copy, one unit vector per column).
+
+    Qwen3 keeps RMSNorm and softmax in fp32 even in float64, so through attention H is symmetric to ~1e-7 only."""
     loaded = load_model(make_tiny(tmp_path / "a"), dtype=torch.float32, double_backward=True)
-    model = loaded.model.double()
+    model = loaded.model.to(dtype)
+    ref = copy.deepcopy(model).double()
     dom = get_domain("math")
     batches = make_batches(loaded.tokenizer, domain_examples(dom, 8, 0, "eval"), 8, dom)
     umap = UnitMap.of_model(model)
-    shared = {"neuron": {"L0.mlp.1", "L1.mlp.3", "L1.mlp.7"}}
-    masks = umap.mask(sorted(shared["neuron"]))
+    masks = umap.mask([u for kind in sorted(shared) for u in sorted(shared[kind])])
     names = list(masks)
-    params = dict(model.named_parameters())
+    params = dict(ref.named_parameters())
     gen = torch.Generator().manual_seed(17)
     delta = {k: 1e-2 * torch.randn(p.shape, generator=gen, dtype=F64) for k, p in params.items()}
-    _, g, _ = grad_and_hvp(model, batches, delta)
+    _, g, _ = grad_and_hvp(ref, batches, delta)
 
     def pack(t: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.cat([t[k].double()[masks[k]] for k in names])
 
     n = int(sum(int(m.sum()) for m in masks.values()))
-    assert n == 144
     cols = []
     for i in range(n):
         e = torch.zeros(n, dtype=F64)
@@ -211,19 +217,165 @@ def test_conflict_subspace_on_a_tiny_model_matches_the_explicit_hessian(tmp_path
             t[masks[k]] = e[off: off + s]
             vec[k] = t
             off += s
-        cols.append(pack(grad_and_hvp(model, batches, vec, params=names)[2]))
+        cols.append(pack(grad_and_hvp(ref, batches, vec, params=names)[2]))
     h = torch.stack(cols, 1)
-    assert torch.allclose(h, h.T, atol=1e-9)
+    assert torch.allclose(h, h.T, atol=sym_rtol * float(h.abs().max()))
     h = 0.5 * (h + h.T)
     d = pack(delta)
-    t = _truth(h, d)
-    c = conflict_subspace(model, batches, umap, delta, g, shared, "qa", k=4, k_bottom=3, tol=1e-9, max_hvp=200)
+    return dict(model=model, batches=batches, umap=umap, delta=delta, g=g, h=h, d=d, n=n, pack=pack,
+                truth=_truth(h, d), shared=shared)
+
+
+def test_conflict_subspace_on_a_tiny_model_matches_the_explicit_hessian(tmp_path: Path) -> None:
+    """Through the model's HVPs on 3 neurons (144 entries): eigenpairs vs eigh of the Hessian built column by column."""
+    shared = {"neuron": {"L0.mlp.1", "L1.mlp.3", "L1.mlp.7"}}
+    pb = _tiny_problem(tmp_path, F64, shared)
+    n, t, d, g = pb["n"], pb["truth"], pb["d"], pb["g"]
+    assert n == 144
+    c = conflict_subspace(pb["model"], pb["batches"], pb["umap"], pb["delta"], g, shared, "qa", k=4, k_bottom=3,
+                          tol=1e-9, max_hvp=200)
     assert c.n_params == n and c.converged
     assert c.eigenvalues_top == pytest.approx(t["lam"][:4].tolist(), rel=1e-6, abs=1e-9)
     assert c.eigenvalues_bottom == pytest.approx(t["lam"].flip(0)[:3].tolist(), rel=1e-6, abs=1e-9)
     assert c.delta_weight_top == pytest.approx((t["c2"][:4] / (d @ d)).tolist(), rel=1e-6, abs=1e-12)
     assert c.dHd == pytest.approx(t["dhd"], rel=1e-6)
     assert c.share_eig == pytest.approx(t["cum"][:4], rel=1e-6, abs=1e-9)
-    assert c.first_order == pytest.approx(float(pack(g) @ d), rel=1e-9)
+    assert c.first_order == pytest.approx(float(pb["pack"](g) @ d), rel=1e-9)
     assert c.n_hvp["total"] <= 20 + 200 + 2 * 4
     assert sorted(c.shared_units["neuron"]) == sorted(shared["neuron"])
+
+
+def test_fp32_packed_path_on_a_neuron_and_a_head_matches_the_float64_explicit_hessian(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An fp32 model: every matvec gets one flat fp32 vector over the 304 selected entries, and the eigenpairs
+    agree with eigh of the float64 Hessian (built through the full-size path) to fp32 accuracy."""
+    shared = {"neuron": {"L1.mlp.3"}, "head": {"L1.head.1"}}
+    pb = _tiny_problem(tmp_path, torch.float32, shared, sym_rtol=1e-6)
+    n, t, d = pb["n"], pb["truth"], pb["d"]
+    assert n == 48 + 2 * 128
+    seen: list[tuple[torch.dtype, tuple[int, ...]]] = []
+    real = subspace.packed_hvp
+
+    def spy(model, batches, packing, v, method="double_backward", loss_fn=None):  # type: ignore[no-untyped-def]
+        seen.append((v.dtype, tuple(v.shape)))
+        return real(model, batches, packing, v, method, loss_fn)
+
+    monkeypatch.setattr(subspace, "packed_hvp", spy)
+    c = conflict_subspace(pb["model"], pb["batches"], pb["umap"], pb["delta"], pb["g"], shared, "qa", k=4,
+                          k_bottom=3, tol=1e-4, max_hvp=200)
+    assert set(seen) == {(torch.float32, (n,))} and len(seen) == c.n_hvp["total"]
+    assert c.converged
+    assert c.eigenvalues_top == pytest.approx(t["lam"][:4].tolist(), rel=1e-4)
+    assert c.eigenvalues_bottom == pytest.approx(t["lam"].flip(0)[:3].tolist(), rel=1e-4)
+    assert c.delta_weight_top == pytest.approx((t["c2"][:4] / (d @ d)).tolist(), rel=1e-2, abs=1e-7)
+    assert c.dHd == pytest.approx(t["dhd"], rel=1e-4)
+    assert c.first_order == pytest.approx(float(pb["pack"](pb["g"]) @ d), rel=1e-5)
+
+
+def test_memory_estimate_is_printed_and_refuses_a_tiny_limit(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A tiny injected limit refuses before any HVP with one error naming the figures and the knob of the larger
+    part (here the HVP pass; the subspace rank when the basis dominates); a run that fits prints the estimate
+    line, with the basis' bytes, before it starts."""
+    loaded = load_model(make_tiny(tmp_path / "a"), dtype=torch.float32, double_backward=True)
+    model = loaded.model
+    dom = get_domain("math")
+    batches = make_batches(loaded.tokenizer, domain_examples(dom, 4, 0, "eval"), 4, dom)
+    umap = UnitMap.of_model(model)
+    shared = {"neuron": {"L0.mlp.1", "L1.mlp.3", "L1.mlp.7"}}
+    gen = torch.Generator().manual_seed(3)
+    delta = {k: torch.randn(p.shape, generator=gen) for k, p in model.named_parameters()}
+    calls = {"n": 0}
+    real = subspace.packed_hvp
+
+    def counting(*a, **kw):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        return real(*a, **kw)
+
+    rows = max(subspace.basis_rows(144, 4, 3)[1], 20 + 1)  # eigen buffer 18 rows, quadrature 21: the larger
+    basis = f"basis {rows} x 144 x 4 B = {rows * 144 * 4 / 2**20:.3g} MiB"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(subspace, "packed_hvp", counting)
+        with pytest.raises(CrossrouteError, match="but 0.00391 MiB is available") as err:
+            conflict_subspace(model, batches, umap, delta, delta, shared, "qa", k=4, k_bottom=3, memory_limit=4096)
+    assert basis in str(err.value) and "lower the HVP batch size" in str(err.value)
+    assert calls["n"] == 0 and capsys.readouterr().err == ""
+    plan = subspace.memory_plan(model, batches, subspace.Packing(model, umap.mask(sorted(shared["neuron"]))), 4, 3,
+                                20, None, available=10**12)
+    resident = [*model.parameters(), *model.buffers()]
+    assert plan.basis == rows * 144 * 4 and plan.model == sum(t.numel() * t.element_size() for t in resident)
+    assert plan.need == plan.basis + plan.vectors + plan.touched + plan.activations and plan.activations > 0
+    plan.check()  # fits
+    big_basis = dataclasses.replace(plan, n=10**9, available=10**9)
+    with pytest.raises(CrossrouteError, match=r"lower k / k_bottom \(the subspace rank"):
+        big_basis.check()
+    out = conflict_subspace(model, batches, umap, delta, delta, shared, "qa", k=4, k_bottom=3, max_hvp=30,
+                            memory_limit=10**12)
+    assert out.n_params == 144 and out.n_hvp["total"] > 0
+    line = capsys.readouterr().err
+    assert line.startswith("conflict subspace memory on cpu: ") and line.count("\n") == 1  # one line, not wrapped
+    assert basis in line and "931 GiB available" in line
+
+
+def test_basis_is_one_buffer_allocated_once_and_never_stacked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Across restarts every matvec input is a row of one [rows, n] buffer, the Ritz vectors and H·v are views of
+    it, and no basis-sized tensor is allocated, stacked or concatenated during the run."""
+    n = 300
+    eig = torch.cat([torch.linspace(10, 5, 6), torch.linspace(-0.5, 0.5, n - 12), -torch.linspace(3, 8, 6)])
+    h, _ = _rotate(eig, 21)
+    storages: set[int] = set()
+
+    def mv(v: torch.Tensor) -> torch.Tensor:
+        storages.add(v.untyped_storage().data_ptr())
+        return h @ v
+
+    big: list[str] = []
+    for name in ("empty", "zeros", "ones", "stack", "cat", "empty_like", "zeros_like", "randn"):
+        real = getattr(torch, name)
+
+        def wrapped(*a, _real=real, _name=name, **kw):  # type: ignore[no-untyped-def]
+            out = _real(*a, **kw)
+            if isinstance(out, torch.Tensor) and out.numel() >= 2 * n:  # two vectors or more
+                big.append(f"{_name}{tuple(out.shape)}")
+            return out
+
+        monkeypatch.setattr(torch, name, wrapped)
+    ep = extreme_eigenpairs(mv, n, k_top=6, k_bottom=6, tol=1e-9, max_matvec=150, basis_size=16)
+    monkeypatch.undo()
+    m, rows = subspace.basis_rows(n, 6, 6, 16)
+    assert ep.converged and ep.n_restarts >= 2 and ep.n_matvec > m
+    assert big == [f"empty({rows}, {n})"]  # the buffer, once
+    assert len(storages) == 1
+    buffer = next(iter(storages))
+    for t in (ep.top_vectors, ep.top_hv, ep.bottom_vectors, ep.bottom_hv):
+        assert t.untyped_storage().data_ptr() == buffer and t.untyped_storage().nbytes() == rows * n * 8
+    assert torch.allclose(h @ ep.top_vectors, ep.top_hv, atol=1e-8)  # H·v from the Lanczos relation is the product
+    starved = extreme_eigenpairs(lambda v: h @ v, n, k_top=6, k_bottom=6, tol=1e-9, max_matvec=20, basis_size=16)
+    assert starved.n_restarts >= 1 and not starved.converged  # not converged: the residual term matters
+    for vecs, hv in ((starved.top_vectors, starved.top_hv), (starved.bottom_vectors, starved.bottom_hv)):
+        assert torch.allclose(h @ vecs, hv, atol=1e-12)
+
+
+def test_blocked_products_and_in_place_restarts_give_the_unblocked_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With blocks of 64 entries (the path a 10⁸-entry restriction takes) the run equals the one-block run."""
+    n = 257
+    h, _ = _rotate(torch.cat([torch.tensor([9.0, 7, 6]), torch.linspace(-1, 1, n - 5), torch.tensor([-4.0, -6])]), 22)
+    d = torch.randn(n, generator=torch.Generator().manual_seed(23), dtype=F64)
+    whole = subspace_analysis(_matvec(h.float()), d.float(), k_top=3, k_bottom=2, tol=1e-5, max_hvp=60,
+                              quad_steps=10, n_baseline=4)
+    monkeypatch.setattr(subspace, "BLOCK_ELEMS", 64)
+    blocked = subspace_analysis(_matvec(h.float()), d.float(), k_top=3, k_bottom=2, tol=1e-5, max_hvp=60,
+                                quad_steps=10, n_baseline=4)
+    assert blocked["n_hvp"] == whole["n_hvp"]
+    for key in ("eigenvalues_top", "eigenvalues_bottom", "share_eig", "share_random", "share_top_abs_delta",
+                "dHd_pos_est", "delta_weight_top"):
+        assert blocked[key] == pytest.approx(whole[key], rel=1e-4, abs=1e-6), key
+    t = _truth(h, d)
+    assert blocked["eigenvalues_top"] == pytest.approx(t["lam"][:3].tolist(), rel=1e-5)
+
+
+def test_top_abs_indices_is_a_stable_descending_argsort_prefix() -> None:
+    gen = torch.Generator().manual_seed(24)
+    d = torch.randint(-3, 4, (500,), generator=gen).double()  # many ties, zeros included
+    for r in (1, 7, 80, 400, 500):
+        expected = torch.argsort(d.abs(), descending=True, stable=True)[:r]
+        assert torch.equal(top_abs_indices(d, r), expected)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 from transformers.models.qwen3 import modeling_qwen3
@@ -9,7 +11,7 @@ from transformers.models.qwen3 import modeling_qwen3
 from conftest import TINY
 from crossroute.core.errors import CrossrouteError
 from crossroute.domains.builtin import BUILTIN
-from crossroute.measure.hvp import grad_and_hvp, hvp
+from crossroute.measure.hvp import Packing, grad_and_hvp, hvp, hvp_pass_bytes, packed_hvp
 from crossroute.measure.proxy import make_batches
 from crossroute.model.default import build_default_model
 
@@ -135,3 +137,96 @@ def test_memory_options_hvp_only_and_narrow_accumulators() -> None:
     narrow = hvp(bf, batches, v, acc_dtype=torch.bfloat16)
     assert wide[next(iter(wide))].dtype == torch.float32 and narrow[next(iter(narrow))].dtype == torch.bfloat16
     assert 0 < _rel({k: x.double() for k, x in narrow.items()}, {k: x.double() for k, x in wide.items()}) < 2e-2
+
+
+def _some_masks(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Bool masks on three tensors of layer 1 (rows of the MLP, a column block of o_proj): ~1/4 of their entries."""
+    params = dict(model.named_parameters())
+    out = {}
+    for name, sl in (("model.layers.1.mlp.up_proj.weight", (slice(0, 8), slice(None))),
+                     ("model.layers.1.mlp.down_proj.weight", (slice(None), slice(3, 11))),
+                     ("model.layers.1.self_attn.o_proj.weight", (slice(None), slice(0, 4)))):
+        m = torch.zeros(params[name].shape, dtype=torch.bool)
+        m[sl] = True
+        out[name] = m
+    return out
+
+
+def test_packed_hvp_is_the_gathered_full_size_product(float64_qwen3: None) -> None:
+    """packed_hvp(v) == hvp(unpack(v), params=names) gathered to the masks, for both methods and any micro-batching;
+    pack/unpack round-trip; bad input names the thing."""
+    model, tok = _tiny64(5)
+    examples = BUILTIN["math"].examples("train", 6, seed=0)
+    b3, b1 = make_batches(tok, examples, 3), make_batches(tok, examples, 1)
+    masks = _some_masks(model)
+    packing = Packing(model, masks)
+    assert packing.dtype == torch.float64 and packing.n == sum(int(m.sum()) for m in masks.values())
+    full = _rand(model, 7)
+    v = packing.pack(full)
+    assert torch.equal(v, torch.cat([full[k][m] for k, m in masks.items()]))
+    assert all(torch.equal(packing.unpack(v, k)[m], full[k][m]) and not packing.unpack(v, k)[~m].any()
+               for k, m in masks.items())
+    ref = hvp(model, b3, {k: packing.unpack(v, k) for k in masks}, params=list(masks))
+    expected = torch.cat([ref[k][m] for k, m in masks.items()])
+    got = packed_hvp(model, b3, packing, v)
+    assert got.dtype == torch.float64 and got.shape == (packing.n,)
+    assert float((got - expected).norm() / expected.norm()) < 1e-12
+    assert float((packed_hvp(model, b1, packing, v) - expected).norm() / expected.norm()) < 1e-10
+    assert float((packed_hvp(model, b3, packing, v, method="fwd_rev") - expected).norm() / expected.norm()) < 1e-9
+    fp32 = Packing(build_default_model(5, **TINY)[0], masks)
+    assert fp32.dtype == torch.float32
+    with pytest.raises(CrossrouteError, match="no parameter named"):
+        Packing(model, {"nope": torch.ones(2, dtype=torch.bool)})
+    with pytest.raises(CrossrouteError, match="has shape"):
+        Packing(model, {"model.layers.1.mlp.up_proj.weight": torch.ones(2, dtype=torch.bool)})
+    with pytest.raises(CrossrouteError, match="packed vector"):
+        packed_hvp(model, b3, packing, v[:-1])
+
+
+def test_packed_matvec_writes_no_grad_and_keeps_no_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The matvec differentiates only the touched tensors (two autograd.grad calls per micro-batch, inputs exactly
+    those), leaves every .grad None and requires_grad as it was, and no ∇L outlives the call."""
+    model, tok = build_default_model(6, **TINY)
+    batches = make_batches(tok, BUILTIN["qa"].examples("train", 6, seed=0), 2)
+    masks = _some_masks(model)
+    packing = Packing(model, masks)
+    params = dict(model.named_parameters())
+    touched = [params[k] for k in masks]
+    model.get_input_embeddings().weight.requires_grad_(False)  # a frozen tensor stays frozen
+    flags = {k: p.requires_grad for k, p in params.items()}
+    calls: list[list[torch.Tensor]] = []
+    first_order: list[weakref.ref] = []
+    real = torch.autograd.grad
+
+    def spy(outputs, inputs, *a, **kw):  # type: ignore[no-untyped-def]
+        calls.append(list(inputs))
+        out = real(outputs, inputs, *a, **kw)
+        if kw.get("create_graph"):
+            first_order.extend(weakref.ref(g) for g in out if g is not None)
+        return out
+
+    monkeypatch.setattr(torch.autograd, "grad", spy)
+    v = torch.randn(packing.n, generator=torch.Generator().manual_seed(8))
+    hv = packed_hvp(model, batches, packing, v)
+    monkeypatch.undo()
+    assert len(calls) == 2 * len(batches)
+    assert all(len(c) == len(touched) and all(a is b for a, b in zip(c, touched, strict=True)) for c in calls)
+    assert first_order and all(r() is None for r in first_order)  # ∇L (and its graph) freed with the call
+    assert all(p.grad is None for p in model.parameters())
+    assert {k: p.requires_grad for k, p in params.items()} == flags
+    assert hv.dtype == torch.float32 and bool(torch.isfinite(hv).all()) and float(hv.norm()) > 0
+
+
+def test_hvp_pass_bytes_counts_the_touched_tensors() -> None:
+    """touched = 3 full-size copies (v, ∇L, H v) in the parameters' dtype + 1 mask byte per entry of each tensor;
+    the activation estimate grows with the micro-batch."""
+    model, tok = build_default_model(7, **TINY)
+    masks = _some_masks(model)
+    packing = Packing(model, masks)
+    params = dict(model.named_parameters())
+    examples = BUILTIN["math"].examples("train", 8, seed=0)
+    touched, act2 = hvp_pass_bytes(model, make_batches(tok, examples, 2), packing)
+    assert touched == sum(params[k].numel() * (3 * 4 + 1) for k in masks)
+    _, act8 = hvp_pass_bytes(model, make_batches(tok, examples, 8), packing)
+    assert act2 is not None and act8 is not None and act8 > 2 * act2
+    assert hvp_pass_bytes(torch.nn.Linear(2, 2), [], Packing(torch.nn.Linear(2, 2), {}))[1] is None

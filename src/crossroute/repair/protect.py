@@ -52,7 +52,7 @@ from crossroute.analyze.subspace import lanczos, shared_units
 from crossroute.core.errors import CrossrouteError
 from crossroute.domains.domain import Domain
 from crossroute.domains.files import get_domain
-from crossroute.measure.hvp import grad_and_hvp
+from crossroute.measure.hvp import Packing, grad_and_hvp, packed_hvp
 from crossroute.measure.proxy import domain_examples, gradient_and_loss, make_batches
 from crossroute.model.units import UnitMap
 
@@ -275,13 +275,13 @@ class Protector:
         """Top-`rank` Ritz directions of each H_A on the protected entries, orthonormalised."""
         t0 = time.perf_counter()
         v0 = self.pack(start)
-        names = list(self.masks)
         cols, self.eigenvalues = [], []
         if v0.numel() and float(v0.norm()) > 0:
             k = self.cfg.lanczos_k or 2 * self.cfg.rank
+            packing = Packing(self.model, self.masks, dtype=torch.float64)  # the order of pack(): masks' order
             for batches in self.batches:
                 def matvec(v: torch.Tensor, batches: list = batches) -> torch.Tensor:
-                    return self.pack(grad_and_hvp(self.model, batches, self.unpack(v), params=names)[2])
+                    return packed_hvp(self.model, batches, packing, v.to(packing.device)).cpu()
 
                 lz = lanczos(matvec, v0, k)
                 r = min(self.cfg.rank, lz.vectors.shape[1])
