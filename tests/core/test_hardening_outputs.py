@@ -184,19 +184,26 @@ def test_full_disk_during_save_is_one_line(tiny: Path, tmp_path: Path, monkeypat
 
 def test_full_disk_during_merge_says_so(tiny: Path, tiny2: Path, tmp_path: Path,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    class FullAfterTwo(merge_mod.SafetensorsWriter):
+    from mergekit.io.tensor_writer import TensorWriter
+
+    class FullAfterTwo(merge_mod.SafetensorsWriter):  # crossroute's streamed writer (transplant)
         def write(self, name: str, tensor: torch.Tensor) -> None:
             if self.next >= 2:
                 raise OSError(errno.ENOSPC, "No space left on device", str(tiny / "model.safetensors"))
             super().write(name, tensor)
 
+    def full(self: TensorWriter, shard_data: dict, shard_path: str) -> None:  # mergekit's writer (every other method)
+        raise safetensors.SafetensorError(ENOSPC_TEXT)
+
     monkeypatch.setattr(merge_mod, "SafetensorsWriter", FullAfterTwo)
-    out = tmp_path / "merged"
-    with pytest.raises(CrossrouteError) as ei:
-        run_merge("slerp", tiny, [tiny2], out, t=0.5)
-    msg = str(ei.value)
-    assert msg.startswith(f"{out}: the disk is full") and "internal" not in msg and str(tiny) not in msg
-    assert not out.exists()
+    monkeypatch.setattr(TensorWriter, "_save_st", full)
+    for method, kw in (("transplant", {}), ("slerp", {"t": 0.5})):
+        out = tmp_path / f"merged_{method}"
+        with pytest.raises(CrossrouteError) as ei:
+            run_merge(method, tiny, [tiny2], out, **kw)
+        msg = str(ei.value)
+        assert msg.startswith(f"{out}: the disk is full") and "internal" not in msg and str(tiny) not in msg
+        assert not out.exists()
     _no_temps(tmp_path)
 
 

@@ -82,9 +82,13 @@ def test_every_result_records_the_policy_it_ran_under(tmp_path: Path) -> None:
     assert rec["before_torch"] is True
 
 
+# The trainer stack: TRL, transformers' Trainer and what it drags in (trainer_utils alone is a seeding/enum helper
+# module that mergekit uses for set_seed).
+HEAVY = ("'trl', 'transformers.trainer', 'transformers.training_args', 'transformers.trainer_callback', "
+         "'transformers.trainer_pt_utils'")
 LEAN = ("import sys; from crossroute.cli.main import run_app; rc = run_app(sys.argv[1:]); "
-        "heavy = sorted(m for m in sys.modules if m == 'trl' or m.startswith(('trl.', 'transformers.trainer', "
-        "'transformers.training_args'))); print(__import__('json').dumps({'rc': rc, 'heavy': heavy}))")
+        f"heavy = sorted(m for m in sys.modules if m in ({HEAVY}) or m.startswith('trl.')); "
+        "print(__import__('json').dumps({'rc': rc, 'heavy': heavy}))")
 
 
 def test_diff_merge_report_and_help_never_import_trl_or_the_trainer_stack(tmp_path: Path) -> None:
@@ -101,6 +105,5 @@ def test_diff_merge_report_and_help_never_import_trl_or_the_trainer_stack(tmp_pa
 def test_reading_a_run_config_does_not_import_the_trainer_stack() -> None:
     """`crossroute diff RUN` resolves a run's checkpoints through experiments.sequence (TrainConfig)."""
     code = ("import json, sys; import crossroute.experiments.sequence; "
-            "print(json.dumps(sorted(m for m in sys.modules if m == 'trl' or m.startswith(('trl.', "
-            "'transformers.trainer', 'transformers.training_args')))))")
+            f"print(json.dumps(sorted(m for m in sys.modules if m in ({HEAVY}) or m.startswith('trl.'))))")
     assert _child(code, {**BASE_ENV, "OMP_NUM_THREADS": "1"}) == []

@@ -619,29 +619,45 @@ def cpift(
 
 @app.command()
 def merge(
-    method: Annotated[str, typer.Argument(help="slerp | linear | transplant")],
-    base: Annotated[str, typer.Argument(help="base checkpoint directory (or 'default')")],
-    models: Annotated[list[str], typer.Argument(help="one or more checkpoints to merge into the base")],
+    method: Annotated[str | None, typer.Argument(help="transplant (crossroute's core transplant), a mergekit method "
+                                                 "(linear, slerp, nuslerp, task_arithmetic, ties, dare_ties, "
+                                                 "dare_linear, della, model_stock, ram, ...) or a mergekit YAML "
+                                                 "file")] = None,
+    base: Annotated[str | None, typer.Argument(help="base checkpoint directory (or 'default'); none with a "
+                                               "YAML")] = None,
+    models: Annotated[list[str] | None, typer.Argument(help="one or more checkpoints to merge into the base")] = None,
     out: Annotated[Path, typer.Option(file_okay=False, help="output checkpoint directory")] = Path("runs/merged"),
-    t: Annotated[float, typer.Option(help="interpolation factor (slerp/linear)")] = 0.5,
-    t_schedule: Annotated[Path | None, typer.Option(help="mergekit-style per-layer t schedule YAML")] = None,
+    param: Annotated[list[str] | None, typer.Option("--param", help="a mergekit parameter, repeatable: NAME=VALUE "
+                                                    "for the whole merge, I:NAME=VALUE for input I only (0: BASE, "
+                                                    "1..: the MODELs in order); VALUE is YAML: 0.5, true, a "
+                                                    "gradient [0, 0.5, 1], or filter entries [{filter: mlp, value: "
+                                                    "0.3}, {value: 0.5}]")] = None,
+    config: Annotated[Path | None, typer.Option(dir_okay=False, help="a mergekit YAML file (as mergekit-yaml reads "
+                                                "it) instead of METHOD BASE MODEL...")] = None,
+    t: Annotated[float | None, typer.Option(help="slerp/linear: the other model's weight, 0 keeps the base "
+                                            "[default: 0.5]")] = None,
+    t_schedule: Annotated[Path | None, typer.Option(help="slerp/linear: a mergekit-style per-layer t schedule "
+                                                    "YAML")] = None,
     mask: Annotated[Path | None, typer.Option(help="transplant: core mask (safetensors of flat indices)")] = None,
     top_percent: Annotated[float, typer.Option(help="transplant: donor's top-p % |update| as core, in (0, "
                                                "100]")] = 1.0,
+    seed: Annotated[int, typer.Option(help="seed of mergekit's random methods (DARE, DELLA), as mergekit-yaml's "
+                                      "--random-seed")] = 0,
     force: Annotated[bool, typer.Option("--force", help="replace an existing --out that crossroute did not write "
                                         "(deletes it)")] = False,
 ) -> None:
-    """Merge checkpoints tensor by tensor (safetensors in, safetensors out): SLERP, linear, or core transplant.
+    """Merge checkpoints: any mergekit method (or a mergekit YAML) run by mergekit, or crossroute's core transplant.
 
-    Example: crossroute merge slerp default runs/demo/checkpoints/02_math --t 0.5 --out runs/merged
+    Example: crossroute merge ties default runs/demo/checkpoints/01_code runs/demo/checkpoints/02_math
+    --param weight=0.5 --param density=0.5 --out runs/ties   (see docs/merge.md)
     """
-    if method not in ("slerp", "linear", "transplant"):
-        raise CrossrouteError(f"merge method {method!r} unknown; use slerp, linear or transplant.")
     check_range("--top-percent", top_percent, 0, 100)
-    from crossroute.repair.merge import run_merge
+    from crossroute.repair.merge import parse_param_options, run_merge
 
-    path = run_merge(method, base, models, out, t_schedule_yaml=t_schedule, t=t, mask=mask, top_percent=top_percent,
-                     force=force)
+    params, per_input = parse_param_options(param or [])
+    path = run_merge(method, base, models or [], out, t_schedule_yaml=t_schedule, t=t, mask=mask,
+                     top_percent=top_percent, params=params or None, model_params=per_input or None,
+                     config=config, seed=seed, force=force)
     console.print(f"wrote {path}")
 
 
