@@ -13,4 +13,5 @@ from crossroute.report.sections import (  # noqa: F401
     rl_vs_sft,
     rollback,
     routes,
+    summary,
 )
