@@ -300,9 +300,20 @@ def test_demo_report_opens_with_the_summary(tmp_path: Path) -> None:
     for r in rows:
         if r["verdict"] == S.NOT_MEASURED:
             continue
-        assert r["section"] in titles, r["key"]  # the link's target exists
-        head = page.index(f"<h2>{html_lib.escape(r['section'])}</h2>")
-        assert r["section"].lower() not in _visible(page[:head]), r["key"]  # its text fragment lands on the title
+        assert r["section"] in titles, r["key"]
+        assert f'id="{r["anchor"].removeprefix("#")}"' in page, r["key"]  # the link's target exists
+
+
+def test_every_section_gets_the_id_of_its_title() -> None:
+    from crossroute.report.html import anchor, section, with_ids
+
+    assert anchor("Update anatomy") == "update-anatomy" and anchor("RL vs SFT: KL & more") == "rl-vs-sft-kl-more"
+    assert section("Update anatomy", "x").startswith('<section id="update-anatomy"><h2>')
+    own = '<section class="diff">\n<h2>Update anatomy</h2><p>..</p><section><h2>inner</h2></section></section>'
+    got = with_ids(own)
+    assert got.startswith('<section id="update-anatomy" class="diff"><h2>Update anatomy</h2>')
+    assert got.count("id=") == 1  # only the section's own opening tag
+    assert with_ids(got) == got  # a section that has an id keeps it
 
 
 def _visible(page: str) -> str:

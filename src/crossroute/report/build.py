@@ -13,14 +13,14 @@ from pathlib import Path
 from crossroute.core.atomic import atomic_write_text
 from crossroute.core.rundir import load_run
 from crossroute.report import sections  # noqa: F401  (registers the built-in sections)
-from crossroute.report.html import CSS
+from crossroute.report.html import CSS, with_ids
 from crossroute.report.registry import ordered
 
 
 def build_report(run_dir: str | Path) -> Path:
     """Render every section whose results exist into RUN_DIR/report.html (atomic write)."""
     run = load_run(run_dir)
-    parts = [s for sec in ordered() if (s := sec.render(run)) is not None]
+    parts = [with_ids(s) for sec in ordered() if (s := sec.render(run)) is not None]
     if not parts:
         parts = ["<p>No results yet in this run directory.</p>"]
     doc = (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import re
 from typing import Any
 
 from matplotlib.figure import Figure
@@ -32,8 +33,23 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def anchor(title: str) -> str:
+    """The id a section titled `title` gets (lower case, other characters as '-'), so the summary can link to it."""
+    return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
+
+
 def section(title: str, body: str) -> str:
-    return f"<section><h2>{html.escape(title)}</h2>{body}</section>"
+    return f"<section id=\"{anchor(title)}\"><h2>{html.escape(title)}</h2>{body}</section>"
+
+
+_SECTION_OPEN = re.compile(r"\A(\s*)<section(?![^>]*\bid=)([^>]*)>\s*<h2>(.*?)</h2>", re.S)
+
+
+def with_ids(part: str) -> str:
+    """Give a section that wrote its own <section><h2> tags the id of its title (as `section` does)."""
+    return _SECTION_OPEN.sub(lambda m: f'{m.group(1)}<section id="'
+                             f'{anchor(html.unescape(re.sub("<[^>]+>", "", m.group(3))))}"{m.group(2)}>'
+                             f'<h2>{m.group(3)}</h2>', part, count=1)
 
 
 def line_plot(x_labels: list[str], series: dict[str, list[float]], title: str, ylabel: str,

@@ -13,11 +13,11 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
-from urllib.parse import quote
 
 from crossroute.analyze.circuits import SEED_REFERENCE
 from crossroute.analyze.routes import top_count
 from crossroute.core.rundir import RunDir
+from crossroute.report.html import anchor
 from crossroute.report.registry import register_section, result_files
 
 REPRODUCED, NOT_REPRODUCED, UNDECIDED = "reproduced", "not reproduced", "undecided at this size"
@@ -95,15 +95,9 @@ def combine(verdicts: Sequence[str]) -> str:
     return REPRODUCED if all(v == REPRODUCED for v in verdicts) else UNDECIDED
 
 
-def anchor(title: str) -> str:
-    """The id a section titled `title` gets (lower case, other characters as '-')."""
-    return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
-
-
 def section_href(title: str) -> str:
-    """A link to the section titled `title`: its id, with a text fragment on its title for today's sections (which
-    have no ids); '-' ',' '&' are escaped as the text-fragment syntax requires."""
-    return f"#{anchor(title)}:~:text={quote(title, safe='').replace('-', '%2D')}"
+    """A link to the section titled `title`: its id (report.html.anchor, which every section gets)."""
+    return f"#{anchor(title)}"
 
 
 def _row(key: str, claim: str, seed: str, unit: str, section: str, estimates: Sequence[Estimate], note: str = "",
