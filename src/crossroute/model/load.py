@@ -23,6 +23,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from crossroute.core.atomic import atomic_dir
 from crossroute.core.errors import CrossrouteError
 from crossroute.io.safetensors import TensorInfo, check_readable
+from crossroute.model.adapters import is_adapter, merged_checkpoint
 from crossroute.model.default import DEFAULT_CHECKPOINT, DEFAULT_NAME
 
 if TYPE_CHECKING:
@@ -47,10 +48,12 @@ class Loaded:
 
 
 def resolve_model_path(path: str | Path) -> Path:
-    """Map the name 'default' to the shipped embedded checkpoint; other values are local paths."""
+    """Map the name 'default' to the shipped embedded checkpoint and a PEFT LoRA adapter directory to its merged
+    checkpoint (model.adapters, cached); other values are local paths."""
     if str(path) == DEFAULT_NAME:
         return DEFAULT_CHECKPOINT
-    return Path(path).expanduser()
+    path = Path(path).expanduser()
+    return merged_checkpoint(path) if is_adapter(path) else path
 
 
 def safetensors_files(path: Path) -> list[Path]:
