@@ -124,6 +124,7 @@ CASES: list[Case] = [
     case("rollback-from-equals-to", "rollback --from {T} --to {T} --domain math --others qa", "same checkpoint"),
     case("rollback-save-best-is-file", f"{ROLL} --save-best {{D}}/afile", "'--save-best'"),
     case("rollback-missing-others", "rollback --from {D}/other --to {T} --domain math", "--others"),
+    case("rollback-full-at-malformed", f"{ROLL} --full-at mlp/2", "full-eval point 'mlp/2': write VARIANT/SELECTOR"),
     # circuits
     case("circuits-missing-base", "circuits --models rl={T}", "--base"),
     case("circuits-target-zero", f"{CIRC} --target 0", "--target"),

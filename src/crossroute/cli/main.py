@@ -537,6 +537,9 @@ def rollback(
     threads: ThreadsOpt = None,
     out: Annotated[Path, typer.Option(file_okay=False, help="run directory (an existing run gains "
                                       "results/rollback_A.json)")] = Path("runs/rollback"),
+    full_at: Annotated[str, typer.Option(help="points to evaluate greedily besides the screen's picks, "
+                                         "VARIANT/SELECTOR/FRACTION comma list, e.g. mlp/conflict/2")] = "",
+    full_all: Annotated[bool, typer.Option(help="greedy evaluation at every point (the unscreened sweep)")] = False,
 ) -> None:
     """Training-free rollback of the units a route-conflict score picks, vs random and largest-|delta| units.
 
@@ -550,11 +553,14 @@ def rollback(
     if not fr or any(not 0 < f <= 100 for f in fr):
         raise CrossrouteError(f"--fractions {fractions!r}: each fraction must be in (0, 100] percent.")
     check_distinct("--from", now, "--to", to)
-    from crossroute.repair.rollback import run_rollback
+    from crossroute.repair.rollback import parse_full_points, run_rollback
+
+    points = parse_full_points(full_at)
     run = analysis_run(out, {"from": now, "to": to, "domain": domain, "others": others}, kind="rollback")
     res = run_rollback(now, to, domain, others, fractions=fr, run_dir=run.root, save_best=save_best,
-                       eval_n=eval_n, threads=threads)
+                       eval_n=eval_n, threads=threads, full_at=points, full_all=full_all)
     best = res.to_json().get("best") or {}
+    console.print(f"{res.n_full_evals} greedy evaluations; every point screened by P(ref)")
     console.print(f"best: {best.get('variant')}/{best.get('selector')} at {best.get('fraction')} % "
                   f"({best.get('n_units')} units): recovery {best.get('recovery')}")
     console.print(f"report: {write_report(run.root)}")

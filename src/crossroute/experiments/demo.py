@@ -60,7 +60,7 @@ def _diagnose(run: RunDir, target: str, stage: int, probe: str) -> None:
 def _repair(run: RunDir, target: str, stage: int, later: list[str]) -> None:
     """Diagnosis II and repair of `target`: second-order damage, then rollback vs the refresh."""
     from crossroute.analyze.damage import run_damage
-    from crossroute.repair.rollback import run_rollback
+    from crossroute.repair.rollback import SEED_FULL_AT, run_rollback
 
     ckpts, names = run_checkpoints(run)
     last = max(i for i, n in enumerate(names) if not n.startswith("refresh_"))  # the end of the sequence
@@ -68,7 +68,8 @@ def _repair(run: RunDir, target: str, stage: int, later: list[str]) -> None:
         run_damage(ckpts[stage + 1], ckpts[last], target, later=later, run_dir=run.root)
     if run.read_result(f"rollback_{target}") is None:
         eval_n = int((run.read_config() or {}).get("eval_n", 100))  # the run's pinned eval sets, as they are
-        run_rollback(ckpts[last], ckpts[stage + 1], target, rollback_pair(later), run_dir=run.root, eval_n=eval_n)
+        run_rollback(ckpts[last], ckpts[stage + 1], target, rollback_pair(later), run_dir=run.root, eval_n=eval_n,
+                     full_at=SEED_FULL_AT)
     rb, fg = run.read_result(f"rollback_{target}"), run.read_result("forgetting")
     best, ref = (rb or {}).get("best") or {}, (fg or {}).get("refresh") or {}
     if best and ref:

@@ -26,6 +26,7 @@ from crossroute.domains.base import Example
 from crossroute.domains.domain import Domain
 from crossroute.measure.backends import Generator, VllmGenerator, resolve_backend
 from crossroute.measure.batches import collate, encode_answer
+from crossroute.measure.proxy import answer_log_probs
 from crossroute.measure.stats import mean_ci
 from crossroute.model.load import check_checkpoint_dir, load_model, load_tokenizer
 
@@ -185,19 +186,12 @@ def reference_probability(model: PreTrainedModel, tokenizer: PreTrainedTokenizer
                           examples: list[Example], batch_size: int = 64) -> list[float]:
     """P(ref) per example: exp(sum of log p(answer tokens + eos | prompt)), teacher-forced, the prompt shown as in
     GRPO and eval. It is the exact probability that sampling at T=1 reproduces the reference (one forward pass)."""
-    device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     pairs = [encode_answer(tokenizer, domain.prompt_ids(e, tokenizer), e.answer) for e in examples]
     out: list[float] = []
     for start in range(0, len(pairs), batch_size):
         batch = collate(pairs[start : start + batch_size], pad or 0)
-        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        logits = model(input_ids=ids, attention_mask=mask).logits
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        target = batch["labels"][:, 1:].to(device)
-        sel = target != -100
-        tok_logp = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * sel
-        out.extend(float(v) for v in tok_logp.sum(dim=1).exp().cpu())
+        out.extend(float(v) for v in answer_log_probs(model, batch).exp())
     return out
 
 

@@ -89,6 +89,24 @@ def mean_proxy_loss(model: PreTrainedModel, batches: list[Batch]) -> float:
     return float(sum(float(proxy_loss(model, b, total)) for b in batches))
 
 
+@torch.no_grad()
+def answer_log_probs(model: PreTrainedModel, batch: Batch) -> torch.Tensor:
+    """Per row of a make_batches batch: the summed log-probability of its label tokens, teacher-forced (exp: the
+    row's P(ref)), float64 on CPU. Logits only at label positions, as in proxy_loss: no [rows, T, vocab] tensor."""
+    device = next(model.parameters()).device
+    batch = _to(batch, device)
+    target = batch["labels"][:, 1:]
+    sel = target != -100
+    base, head, cfg = getattr(model, "model", None), model.get_output_embeddings(), model.config
+    if base is None or head is None or any(getattr(cfg, k, None) for k in ("final_logit_softcapping", "logit_scale")):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][sel]
+    else:
+        logits = head(base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0][:, :-1][sel])
+    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    tok = logp.gather(-1, target[sel].unsqueeze(-1)).squeeze(-1).double().cpu()
+    return torch.zeros(sel.shape[0], dtype=torch.float64).index_add_(0, sel.nonzero()[:, 0].cpu(), tok)
+
+
 def domain_examples(
     domain: Domain | str, n: int, seed: int = 0, split: str = "train", need_answer: bool = True
 ) -> list[Example]:
