@@ -170,9 +170,10 @@ def test_sharded_chunked_and_split_equal_unsharded(ckpts: dict[str, Path], monke
               diff_checkpoints(ckpts["base"], ckpts["s1_sharded"], chunk_elems=7)]
     monkeypatch.setattr(diff_mod, "PIECE_ELEMS", 40)  # every tensor split into pieces over 3 worker threads
     others.append(diff_checkpoints(ckpts["base"], ckpts["s1"], chunk_elems=7, workers=3))
+    others.append(diff_checkpoints(ckpts["base"], ckpts["s1_sharded"], chunk_elems=7, workers=3, kernel="torch"))
     for other in others:
         js = other.to_json()
-        for key in ("base", "ckpt"):
+        for key in ("base", "ckpt", "kernel"):
             js[key] = ref[key]
         _assert_close(js, ref)
 

@@ -258,12 +258,6 @@ def test_cli_eval_and_diff_of_an_adapter(qwen_base: Path, tmp_path: Path) -> Non
     assert {t.name for t in anatomy.tensors if t.delta_sq > 0} == targets
 
 
-# diff resolves its checkpoint arguments through resolve_model_path once analyze/diff.py calls it (not yet: strict
-# xfail, so the marker must go when it does)
-DIFF_RESOLVES = "resolve_model_path" in Path(diff_module.__file__).read_text()
-
-
-@pytest.mark.xfail(not DIFF_RESOLVES, reason="analyze/diff.py does not resolve adapter directories yet", strict=True)
 def test_cli_diff_base_adapter(qwen_base: Path, tmp_path: Path) -> None:
     adapter = make_adapter(qwen_base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=QKV_DOWN)
     assert run_app(["diff", str(qwen_base), str(adapter), "--out", str(tmp_path / "d")]) == 0
@@ -271,6 +265,9 @@ def test_cli_diff_base_adapter(qwen_base: Path, tmp_path: Path) -> None:
     targets = {f"model.layers.{i}.{m}.weight" for i in range(2)
                for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")}
     assert {t["name"] for t in stage["tensors"] if t["delta_norm"] > 0} == targets
+    info = stage["adapter"]  # the adapter's rank and each update's effective rank, beside the anatomy
+    assert info["r"] == 4 and {m["tensor"] for m in info["modules"].values()} == targets
+    assert all(m["effective_rank"] == 4 for m in info["modules"].values())
 
 
 def one_line_error(fn: Any, *args: Any) -> str:

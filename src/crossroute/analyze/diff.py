@@ -5,6 +5,9 @@ offsets of the (validated, JSON-only) safetensors header into reusable buffers: 
 model, never a pickle, and no mmap (safe_open's mapping kept every page read resident: RSS grew
 to the size of both checkpoints). Memory is a few fixed buffers per worker thread.
 
+Each block is reduced by a numba kernel (crossroute.analyze.diff_kernel: no GIL, one pass, exact counts) or,
+with kernel="torch", by the torch reference path below, which the tests hold the kernel to.
+
 Units (neurons, heads, KV groups, MoE routers and experts) and module types come from the unit table
 (crossroute.model.units) built from config.json and the safetensors header: per tensor, δ² is summed per
 position along its unit axis while streaming, then mapped to units. An architecture the table does not know
@@ -17,7 +20,6 @@ import contextlib
 import itertools
 import math
 import os
-import struct
 import threading
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -26,8 +28,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from crossroute.analyze.diff_kernel import (
+    DEFAULT_KERNEL,
+    KEY_SHIFT,
+    N_KEYS,
+    POS_COL,
+    POS_DELTA,
+    POS_NONE,
+    POS_ROW,
+    STORAGE_CODES,
+    PieceStats,
+    bits_to_f32,
+    f32_bits,
+    resolve_kernel,
+    storage_view,
+)
 from crossroute.core.atomic import atomic_write_json
 from crossroute.core.console import console
 from crossroute.core.errors import CrossrouteError
@@ -44,6 +62,8 @@ from crossroute.io.safetensors import (
     prefetch,
     row_blocks,
 )
+from crossroute.model.adapters import adapter_info, is_adapter
+from crossroute.model.load import resolve_model_path
 from crossroute.model.units import UNIT_KINDS, UnitMap, unit_id
 
 THRESHOLDS: tuple[float, ...] = (1e-9, 1e-8, 1e-7, 1e-6, 1e-5)
@@ -69,8 +89,10 @@ OUTSIDE_LAYER_TYPES: tuple[tuple[str, str], ...] = (
     ("norm", "norm"), ("ln_f", "norm"),
 )
 PIECE_ELEMS = 1 << 23  # entries per unit of work given to a worker thread (8 blocks)
+NUMBA_BLOCK = 1 << 19  # entries per read of the numba path (1 MiB of bf16 per checkpoint): few calls into Python
 _MEDIAN_SAMPLES = 1 << 16
 PREFETCH_BYTES = 256 << 20  # per checkpoint, requested ahead of the tensors being diffed
+PREFETCH_CHUNK = 16 << 20  # bytes per readahead request
 
 
 # ----------------------------------------------------------------------------- results
@@ -142,6 +164,9 @@ class UpdateAnatomy:
     histogram: DeltaHistogram
     layout: dict[str, int] = field(default_factory=dict)
     units: dict[str, Any] = field(default_factory=dict)  # UnitMap.to_json(): arch, warning, counts
+    kernel: str = DEFAULT_KERNEL  # block kernel of bf16/fp16/fp32 tensors, "numba" or "torch" (others: torch)
+    kernel_warning: str | None = None  # why numba was asked for but torch ran
+    adapter: dict[str, Any] | None = None  # ckpt is a LoRA adapter: its r, alpha and each update's effective rank
 
     @property
     def warning(self) -> str | None:
@@ -200,6 +225,7 @@ class UpdateAnatomy:
             "module_rel_change": self.module_rel_change(),
             "layout": self.layout, "units": self.units, "top_k_percent": self.top_k_percent,
             "top_units": self.top_units, "histogram": self.histogram.to_json(),
+            "kernel": self.kernel, "kernel_warning": self.kernel_warning, "adapter": self.adapter,
             "tensors": [t.to_json() for t in self.tensors],
         }
         if include_unit_scores:
@@ -327,6 +353,26 @@ def _unit_sums(umap: UnitMap, name: str, plan: _PosPlan, pos_sq: torch.Tensor) -
     return out
 
 
+def _lower_median(x: torch.Tensor) -> float:
+    """torch.median's value (the lower middle entry) by a partial sort: a sixth of its time on 65 536 entries."""
+    k = (x.numel() - 1) // 2
+    return float(np.partition(x.numpy(), k)[k])
+
+
+def _pos_mode(plan: _PosPlan | None, shape: list[int]) -> tuple[int, int]:
+    """(diff_kernel POS_* mode, its row length) for a tensor's per-position sums: the numba kernel sums along
+    axis 0 (1-D: every entry its own position) and axis 1 of 2-D itself; other axes are left to _pos_block."""
+    if plan is None:
+        return POS_NONE, 1
+    if len(shape) == 1:
+        return POS_ROW, 1
+    if plan.expert_axis is None and len(shape) >= 2 and plan.axis == 0:
+        return POS_ROW, math.prod(shape[1:])
+    if plan.expert_axis is None and len(shape) == 2:
+        return POS_COL, shape[1]
+    return POS_DELTA, 1
+
+
 def _expert_sums(umap: UnitMap, acc: Mapping[str, list[torch.Tensor]], layer: int) -> torch.Tensor:
     """Aggregate "expert" unit e = its router row + all neurons of expert e (as in UnitMap.reduce)."""
     n_exp = umap.counts["expert"][layer]
@@ -341,13 +387,9 @@ def _expert_sums(umap: UnitMap, acc: Mapping[str, list[torch.Tensor]], layer: in
 
 # ----------------------------------------------------------------------------- streaming
 
-_KEY_SHIFT = 16  # key = top 16 bits of |δ| as fp32 = |δ| truncated to bf16 precision
-_N_KEYS = 1 << (31 - _KEY_SHIFT)  # sign bit is clear after abs
+_KEY_SHIFT = KEY_SHIFT  # key = top 16 bits of |δ| as fp32 = |δ| truncated to bf16 precision
+_N_KEYS = N_KEYS  # sign bit is clear after abs
 _SPARSE_SHARE = 0.25  # blocks with at most this share of changed entries scatter only those
-
-
-def _f32_bits(x: float) -> int:
-    return struct.unpack("<I", struct.pack("<f", x))[0]
 
 
 class _Binner:
@@ -360,14 +402,13 @@ class _Binner:
     def __init__(self, thresholds: Sequence[float]) -> None:
         self.edges_log10 = [HIST_LOG10_MIN + i * (HIST_LOG10_MAX - HIST_LOG10_MIN) / HIST_BINS
                             for i in range(HIST_BINS + 1)]
-        self.thr = [struct.unpack("<f", struct.pack("<f", t))[0] for t in thresholds]
-        bits = [_f32_bits(t) for t in self.thr]
+        self.thr = [bits_to_f32(f32_bits(t)) for t in thresholds]
+        bits = [f32_bits(t) for t in self.thr]
         self.thr_key = torch.tensor([b >> _KEY_SHIFT for b in bits])
         self.thr_exact = [b & ((1 << _KEY_SHIFT) - 1) == 0 for b in bits]
         # smallest value of τ's key bucket: |δ| below it is certainly below τ
-        self.thr_lo = [struct.unpack("<f", struct.pack("<I", (b >> _KEY_SHIFT) << _KEY_SHIFT))[0]
-                       for b in bits]
-        self.edge_key = torch.tensor([_f32_bits(10.0**e) >> _KEY_SHIFT for e in self.edges_log10])
+        self.thr_lo = [bits_to_f32((b >> _KEY_SHIFT) << _KEY_SHIFT) for b in bits]
+        self.edge_key = torch.tensor([f32_bits(10.0**e) >> _KEY_SHIFT for e in self.edges_log10])
         self.sparse_ok = all(b >> _KEY_SHIFT > 0 for b in bits)  # no τ shares the zeros' key bucket
 
     def block(self, absd: torch.Tensor, key: torch.Tensor, ones: torch.Tensor,
@@ -455,19 +496,17 @@ class _TensorResult:
 
 
 class _Streamer:
-    """Diffs tensors of two open checkpoints; `run(name)` is safe to call from worker threads."""
+    """Diffs tensors of two open checkpoints; `run_piece` is safe to call from worker threads."""
 
     def __init__(self, a: Checkpoint, b: Checkpoint, umap: UnitMap,
-                 thresholds: tuple[float, ...], chunk: int) -> None:
-        self.a, self.b, self.umap, self.chunk = a, b, umap, chunk
+                 thresholds: tuple[float, ...], chunk: int, kernel: str = DEFAULT_KERNEL) -> None:
+        self.a, self.b, self.umap, self.chunk, self.kernel = a, b, umap, chunk, kernel
         self.plans = {n: _pos_plan(umap, n) for n in a.tensors}
         self.thresholds = thresholds
         self.binner = _Binner(thresholds)
         self.block_elems = max([chunk] + [max_block(i.shape, chunk) for i in a.tensors.values()])
         self.fds: dict[Path, int] = {}
         self._local = threading.local()
-        self._lock = threading.Lock()
-        self._next = 0  # first tensor (in processing order) not yet prefetched
 
     def __enter__(self) -> _Streamer:
         self._shards = open_shards(self.a.tensors, self.b.tensors)
@@ -478,17 +517,17 @@ class _Streamer:
         self._shards.__exit__(None, None, None)
         self.fds = {}
 
-    def prefetch_ahead(self, names: list[str], i: int) -> None:
-        """Keep kernel readahead requested for about PREFETCH_BYTES past tensor `i`."""
-        with self._lock:
-            ahead = sum(self.b.tensors[n].nbytes for n in names[i:self._next])
-            while self._next < len(names) and ahead < PREFETCH_BYTES:
-                name = names[self._next]
-                for ck in (self.a, self.b):
-                    info = ck.tensors[name]
-                    prefetch(self.fds[info.file], info)
-                ahead += self.b.tensors[name].nbytes
-                self._next += 1
+    def readahead(self, name: str, r0: int, r1: int) -> list[tuple[int, TensorInfo]]:
+        """Readahead requests (descriptor, byte range) for rows [r0, r1) of a tensor in both checkpoints, in
+        PREFETCH_CHUNK pieces alternating between them, so the disk streams both files."""
+        per = []
+        for ck in (self.a, self.b):
+            info = ck.tensors[name]
+            row = (math.prod(info.shape[1:]) if len(info.shape) > 1 else 1) * info.dtype.itemsize
+            lo, hi = info.start + r0 * row, info.start + r1 * row
+            per.append([(self.fds[info.file], TensorInfo(info.file, info.dtype, [], o, min(hi, o + PREFETCH_CHUNK) - o))
+                        for o in range(lo, hi, PREFETCH_CHUNK)])
+        return [r for pair in itertools.zip_longest(*per) for r in pair if r is not None]
 
     def _scratch(self) -> _Scratch:
         s = getattr(self._local, "scratch", None)
@@ -503,13 +542,58 @@ class _Streamer:
         view = pread_into(self.fds[info.file], buf, n * size, info.start + r0 * row * size)
         return torch.frombuffer(view, dtype=info.dtype, count=n) if n else torch.empty(0)
 
+    def _read_flat(self, info: TensorInfo, buf: bytearray, f0: int, f1: int) -> np.ndarray:
+        """Entries [f0, f1) of the flattened tensor, raw, as the numba kernel decodes them."""
+        size = info.dtype.itemsize
+        view = pread_into(self.fds[info.file], buf, (f1 - f0) * size, info.start + f0 * size)
+        return storage_view(view, info.dtype, f1 - f0)
+
     def pieces(self, name: str) -> list[tuple[int, int]]:
         """Row ranges of about PIECE_ELEMS entries: the units of work spread over worker threads, so one
         large tensor (an embedding of 150 k rows) is diffed by many workers rather than one."""
         return list(row_blocks(self.b.tensors[name].shape, PIECE_ELEMS))  # a scalar is one piece (0, 1)
 
     def run_piece(self, name: str, r0: int, r1: int) -> _Partial:
-        """Stream rows [r0, r1) of one tensor block by block; its share of the tensor's statistics."""
+        """Stream rows [r0, r1) of one tensor block by block; its share of the tensor's statistics.
+
+        The numba kernel takes bf16/fp16/fp32 storage; any other dtype (fp64, fp8, ints) runs the torch path."""
+        ia, ib = self.a.tensors[name], self.b.tensors[name]
+        if self.kernel == "numba" and ia.dtype in STORAGE_CODES and ib.dtype in STORAGE_CODES:
+            return self.run_piece_numba(name, r0, r1)
+        return self.run_piece_torch(name, r0, r1)
+
+    def run_piece_numba(self, name: str, r0: int, r1: int) -> _Partial:
+        """run_piece by the numba kernel: flat reads of NUMBA_BLOCK entries (row blocks where the per-position
+        sums stay on the torch path: 3-D axes and expert axes)."""
+        ia, ib = self.a.tensors[name], self.b.tensors[name]
+        shape = ib.shape
+        plan = self.plans[name]
+        s = self._scratch()
+        row = math.prod(shape[1:]) if len(shape) > 1 else 1
+        mode, prow = _pos_mode(plan, shape)
+        pos_sq = torch.zeros(plan.n_pos, dtype=torch.float64) if plan else None
+        stride = max(1, math.prod(shape) // _MEDIAN_SAMPLES)
+        stats = PieceStats(self.binner.thr, (r1 - r0) * row, stride, pos_sq)
+        ca, cb = STORAGE_CODES[ia.dtype], STORAGE_CODES[ib.dtype]
+        if mode == POS_DELTA:
+            delta = s.delta.numpy()
+            for b0, b1 in row_blocks([r1 - r0, *shape[1:]] if shape else [], self.chunk):
+                q0, q1 = r0 + b0, r0 + b1
+                stats.block(self._read_flat(ia, s.raw_a, q0 * row, q1 * row), ca,
+                            self._read_flat(ib, s.raw_b, q0 * row, q1 * row), cb, q0 * row, prow, mode, delta)
+                if pos_sq is not None and plan is not None:  # |δ| in place of δ: the same squares
+                    self._pos_block(plan, shape, s.delta[:(q1 - q0) * row], s, pos_sq, q0, q1)
+        else:
+            step = max(1, min(self.chunk, NUMBA_BLOCK))
+            for f0 in range(r0 * row, r1 * row, step):
+                f1 = min(r1 * row, f0 + step)
+                stats.block(self._read_flat(ia, s.raw_a, f0, f1), ca, self._read_flat(ib, s.raw_b, f0, f1), cb,
+                            f0, prow, mode)
+        return _Partial(key_counts=stats.key_counts(), fixes=stats.fixes(), pos_sq=pos_sq, base_sq=stats.base_sq,
+                        delta_sq=stats.delta_sq, max_abs=stats.max_abs, samples=[stats.sample_tensor()])
+
+    def run_piece_torch(self, name: str, r0: int, r1: int) -> _Partial:
+        """run_piece by torch ops (the reference path): row blocks of `chunk` entries."""
         ia, ib = self.a.tensors[name], self.b.tensors[name]
         shape = ib.shape
         plan = self.plans[name]
@@ -550,7 +634,7 @@ class _Streamer:
             module_type=module_type(self.umap, name), numel=math.prod(ib.shape),
             below=self.binner.below(first.key_counts, first.fixes), zero=int(first.key_counts[0]),
             delta_sq=first.delta_sq, base_sq=first.base_sq, max_abs=first.max_abs,
-            resolution=0.5 * eps * float(sample.median()) if sample.numel() else 0.0,
+            resolution=0.5 * eps * _lower_median(sample) if sample.numel() else 0.0,
             thresholds=self.thresholds)
         plan = self.plans[name]
         unit_sq = {} if plan is None or first.pos_sq is None else _unit_sums(self.umap, name, plan, first.pos_sq)
@@ -586,6 +670,51 @@ class _Streamer:
             grid[:, r0:r1] += per
         else:
             grid += per
+
+
+class _Prefetcher:
+    """Requests kernel readahead for the pieces ahead of the workers on a thread of its own, up to
+    2 x PREFETCH_BYTES past the last piece started: a large posix_fadvise(WILLNEED) blocks until its reads are
+    queued, which on a worker would stall the diff (a cold read would not overlap the compute)."""
+
+    def __init__(self, requests: list[list[tuple[int, TensorInfo]]]) -> None:
+        self._requests = requests
+        self._ends = list(itertools.accumulate(sum(r.nbytes for _, r in job) for job in requests))
+        self._cond = threading.Condition()
+        self._started = -1  # highest piece index a worker has started
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="diff-prefetch", daemon=True)
+
+    def __enter__(self) -> _Prefetcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        self._thread.join()
+
+    def started(self, j: int) -> None:
+        """A worker started piece j."""
+        with self._cond:
+            if j > self._started:
+                self._started = j
+                self._cond.notify()
+
+    def _ahead(self, issued: int) -> int:
+        done = self._ends[self._started] if self._started >= 0 else 0
+        return (self._ends[issued - 1] if issued else 0) - done
+
+    def _run(self) -> None:
+        for j, job in enumerate(self._requests):
+            with self._cond:
+                while not self._stop and j > self._started + 1 and self._ahead(j) >= 2 * PREFETCH_BYTES:
+                    self._cond.wait()
+                if self._stop:
+                    return
+            for fd, rng in job:
+                prefetch(fd, rng)
 
 
 @contextlib.contextmanager
@@ -627,15 +756,25 @@ def diff_checkpoints(
     progress: bool = False,
     chunk_elems: int = CHUNK_ELEMS,
     workers: int | None = None,
+    kernel: str = DEFAULT_KERNEL,
 ) -> UpdateAnatomy:
     """Stream δ = ckpt − base (fp32) tensor by tensor and return its anatomy (DESIGN.md §2.2).
 
     Thresholds compare |δ| < fp32(τ) exactly. τ is *below the resolution* of a tensor when
     τ < ½·eps(storage dtype of ckpt)·median|θ_base| (median over ≤65 536 evenly strided entries):
     an update that small to an entry of typical size is rounded away when stored.
+    `kernel`: "numba" (default; torch with a recorded warning where numba is missing) or "torch".
     """
     thresholds = tuple(float(t) for t in thresholds)
-    a, b = load_checkpoint(base), load_checkpoint(ckpt)
+    if not all(0 < t < math.inf for t in thresholds):
+        raise CrossrouteError(f"diff thresholds must be positive finite numbers, got {list(thresholds)}; "
+                              "pass thresholds such as 1e-9 1e-8 1e-7 1e-6 1e-5")
+    kernel, kernel_warning = resolve_kernel(kernel)
+    if kernel_warning and kernel_warning not in _PRINTED:
+        _PRINTED.add(kernel_warning)
+        console.print(f"[yellow]crossroute: warning:[/yellow] {kernel_warning}", highlight=False, soft_wrap=True)
+    adapter = adapter_info(ckpt) if is_adapter(ckpt) else None
+    a, b = load_checkpoint(resolve_model_path(base)), load_checkpoint(resolve_model_path(ckpt))
     check_same_architecture(a, b)
     umap = unit_map(a)
     names = sorted(a.tensors, key=lambda n: (str(a.tensors[n].file), a.tensors[n].start))
@@ -644,16 +783,17 @@ def diff_checkpoints(
     hist = [0] * (HIST_BINS + 3)
     kinds = [k for k in umap.kinds if k != "expert"]  # partition kinds; "expert" aggregates router + neurons
     unit_acc = {k: [torch.zeros(n, dtype=torch.float64) for n in umap.counts[k]] for k in kinds}
-    with (_Streamer(a, b, umap, thresholds, chunk_elems) as streamer,
+    with (_Streamer(a, b, umap, thresholds, chunk_elems, kernel) as streamer, contextlib.ExitStack() as stack,
           _single_threaded_torch(), ThreadPoolExecutor(n_workers) as pool,
           _progress(progress, len(names), b.root) as tick):
 
         jobs = [(i, r0, r1) for i, name in enumerate(names) for r0, r1 in streamer.pieces(name)]
         last = {i: j for j, (i, _, _) in enumerate(jobs)}  # index of each tensor's last piece
+        ahead = stack.enter_context(_Prefetcher([streamer.readahead(names[i], r0, r1) for i, r0, r1 in jobs]))
 
         def job(j: int) -> _Partial:
             i, r0, r1 = jobs[j]
-            streamer.prefetch_ahead(names, i)
+            ahead.started(j)
             return streamer.run_piece(names[i], r0, r1)
 
         parts: list[_Partial] = []
@@ -681,7 +821,8 @@ def diff_checkpoints(
     return UpdateAnatomy(
         base=str(base), ckpt=str(ckpt), thresholds=thresholds, top_k_percent=top_k_percent,
         tensors=tensors, unit_scores=scores, top_units=_top_units(scores, top_k_percent),
-        histogram=streamer.binner.to_histogram(hist), layout=head_layout_json(umap), units=umap.to_json())
+        histogram=streamer.binner.to_histogram(hist), layout=head_layout_json(umap), units=umap.to_json(),
+        kernel=kernel, kernel_warning=kernel_warning, adapter=adapter)
 
 
 @contextlib.contextmanager
@@ -701,12 +842,13 @@ def diff_sequence(
     top_k_percent: float = 1.0,
     thresholds: Sequence[float] = THRESHOLDS,
     progress: bool = False,
+    kernel: str = DEFAULT_KERNEL,
 ) -> SequenceDiff:
     """Diff every checkpoint against its predecessor; Jaccard of top-k unit sets across stages."""
     if len(checkpoints) < 2:
         raise CrossrouteError(f"diff needs at least two checkpoints, got {len(checkpoints)}; "
                               "pass the base checkpoint followed by one per stage")
-    stages = [diff_checkpoints(prev, cur, top_k_percent, thresholds, progress)
+    stages = [diff_checkpoints(prev, cur, top_k_percent, thresholds, progress, kernel=kernel)
               for prev, cur in zip(checkpoints[:-1], checkpoints[1:], strict=True)]
     sets = [s.top_sets() for s in stages]
     kinds = [k for k in UNIT_KINDS if any(k in s.unit_scores for s in stages)]
