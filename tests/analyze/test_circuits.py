@@ -1,4 +1,5 @@
-"""Circuits: attribution agrees with activation patching, self-patching is exact, pairs and JSONL."""
+"""Circuits: attribution agrees with activation patching, self-patching is exact, pairs and JSONL; the stacked,
+early-stopped patching passes give the one-pass-per-head reference's circuit and numbers in fewer forwards."""
 
 from __future__ import annotations
 
@@ -6,25 +7,32 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import TINY, make_tiny
 from crossroute.analyze.circuits import (
     HeadHooks,
+    PatchPasses,
     batch_metric,
     circuit_of_model,
+    head_set_metrics,
     load_pairs_jsonl,
     make_pair_batches,
     overlap,
     pairs_for,
     parse_models,
+    patch_passes,
+    row_metric,
     run_circuits,
 )
 from crossroute.core.errors import CrossrouteError
 from crossroute.domains.builtin import ENTITIES, KB
 from crossroute.model.default import build_default_model
+from crossroute.model.load import load_model
 from crossroute.report.sections.circuits import render_circuits_section
+from zoo import FAMILIES, zoo_checkpoint
 
 
 def _tiny(seed: int = 0):
@@ -188,38 +196,6 @@ def test_parse_models() -> None:
             parse_models(bad)
 
 
-def test_kl_of_a_model_to_itself_is_zero_and_positive_to_another() -> None:
-    from crossroute.experiments.rl_vs_sft import kl_to_base
-
-    model, tok = _tiny(6)
-    other, _ = _tiny(7)
-    prompts = [tok(p.clean, add_special_tokens=False)["input_ids"] for p in pairs_for("math", 6)]
-    same = kl_to_base(model, model, tok, prompts, max_new_tokens=4, seed=0)
-    assert same["kl_token"] == 0.0 and same["n_tokens"] > 0 and same["reverse"]["kl_token"] == 0.0
-    diff = kl_to_base(model, other, tok, prompts, max_new_tokens=4, seed=0)
-    assert diff["kl_token"] > 0 and diff["reverse"]["kl_token"] > 0 and "forward" in diff["direction"]
-    assert diff["kl_seq_ci"][0] <= diff["kl_seq"] <= diff["kl_seq_ci"][1]
-
-
-def test_forward_kl_samples_from_the_base_and_matches_an_exact_sum() -> None:
-    # With one new token, the sampled estimate of KL(p || q) averages the exact next-token KL at the prompt's end
-    # over prompts: it equals sum_v p(v)(log p(v) - log q(v)) computed directly, whichever token was sampled.
-    from crossroute.experiments.rl_vs_sft import sampled_kl
-
-    p_model, tok = _tiny(6)
-    q_model, _ = _tiny(7)
-    ids = [tok(p.clean, add_special_tokens=False)["input_ids"] for p in pairs_for("math", 4)]
-    got = sampled_kl(p_model, p_model, q_model, tok, ids, max_new_tokens=1, seed=0, batch_size=1)
-    want = []
-    with torch.no_grad():
-        for row in ids:
-            x = torch.tensor([row])
-            lp = torch.log_softmax(p_model(x).logits[0, -1].float(), -1)
-            lq = torch.log_softmax(q_model(x).logits[0, -1].float(), -1)
-            want.append(float((lp.exp() * (lp - lq)).sum()))
-    assert got["kl_seq"] == pytest.approx(sum(want) / len(want), rel=1e-4)
-
-
 def test_per_prompt_values_do_not_depend_on_batching() -> None:
     """Rows (clean and wrong answers) of one pair land in different batches; they are summed back to their pair."""
     model, tok = _tiny(8)
@@ -234,3 +210,183 @@ def test_per_prompt_values_do_not_depend_on_batching() -> None:
                for bt in make_pair_batches(tok, [p], 4)]
     assert a.per_prompt["metric_clean"] == pytest.approx(one, abs=1e-5)
     assert a.metric_clean == pytest.approx(sum(one) / len(one), abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- stacked, early-stopped passes
+
+REFERENCE = PatchPasses(stack=1, full_curve=True)  # one forward per head / prefix set: the old path
+
+
+def _close(a, b, what: str) -> None:
+    """Nested lists of numbers (None as NaN) equal within 1e-5."""
+    fa = np.array(a, dtype=float) if a is not None else np.array(np.nan)
+    fb = np.array(b, dtype=float) if b is not None else np.array(np.nan)
+    np.testing.assert_allclose(fb, fa, rtol=1e-5, atol=1e-5, equal_nan=True, err_msg=what)
+
+
+def _assert_same_circuit(ref, new) -> None:
+    """The same circuit, ranking and numbers (1e-5); the curve compared where both evaluated it."""
+    assert new.circuit == ref.circuit and new.ranking == ref.ranking
+    assert (new.target_reached, new.cap_binds, new.max_heads) == (ref.target_reached, ref.cap_binds, ref.max_heads)
+    for key in ("metric_clean", "metric_corrupted", "gap", "scale_gap", "attribution", "activation", "effect",
+                "effect_lo", "effect_hi", "score", "score_lo", "score_hi", "faithfulness"):
+        _close(getattr(ref, key), getattr(new, key), key)
+    for key in ("value", "lo", "hi"):
+        _close(ref.faithfulness_ci[key], new.faithfulness_ci[key], f"faithfulness_ci.{key}")
+    for key in ("metric_clean", "metric_corrupted", "effect", "circuit_metric"):
+        _close(ref.per_prompt[key], new.per_prompt[key], f"per_prompt.{key}")
+    at = dict(zip(ref.curve_k, ref.curve_faithfulness, strict=True))
+    assert set(new.curve_k) <= set(at) and new.curve_k[0] == 0 and new.curve_k[-1] == ref.curve_k[-1]
+    _close([at[k] for k in new.curve_k], new.curve_faithfulness, "curve")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stacked_passes_give_the_reference_circuit_on_every_zoo_family(family, tmp_path_factory) -> None:
+    loaded = load_model(zoo_checkpoint(family, tmp_path_factory), dtype=torch.float32, device="cpu")
+    model, tok = loaded.model.eval(), loaded.tokenizer
+    pairs = pairs_for("code", 6)
+    kw = dict(confirm_top=8, batch_size=4, max_fraction=0.5)  # every head confirmed: each layer a stacked group
+    ref = circuit_of_model(model, tok, pairs, passes=REFERENCE, **kw)
+    assert not ref.curve_truncated and ref.curve_k == list(range(9))
+    for passes in (PatchPasses(), PatchPasses(stack=3), PatchPasses(stack=2, max_cache_mb=0),
+                   PatchPasses(max_stack_tokens=1), PatchPasses(full_curve=True)):
+        new = circuit_of_model(model, tok, pairs, passes=passes, **kw)
+        _assert_same_circuit(ref, new)
+        assert new.curve_truncated == (not passes.full_curve)  # up to the cap, 4 of 8 heads, then k = 8
+    assert new.curve_k == ref.curve_k  # full_curve: every prefix size, the same values
+
+
+def test_stacked_copies_each_patch_their_own_head() -> None:
+    model, tok = _tiny(9)
+    b = make_pair_batches(tok, pairs_for("math", 6), 16)[0]
+    hooks = HeadHooks(model)
+    heads = [(layer, h) for layer in hooks.layers for h in range(hooks.num_heads)]
+    try:
+        with torch.no_grad():
+            hooks.record = corr = {}
+            row_metric(model, b["corrupted_ids"], b)
+            hooks.record = None
+            one = []
+            for layer, h in heads:  # one forward per head, as before
+                hooks.patch = {layer: (torch.arange(hooks.num_heads) == h, corr[layer])}
+                one.append(row_metric(model, b["clean_ids"], b))
+            s = len(heads)
+            hooks.patch = {layer: (torch.stack([torch.arange(hooks.num_heads) == h if ly == layer else
+                                                torch.zeros(hooks.num_heads, dtype=torch.bool) for ly, h in heads]),
+                                   corr[layer]) for layer in hooks.layers}
+            stacked = {k: v.repeat(s, *([1] * (v.dim() - 1))) for k, v in b.items()}
+            rows = row_metric(model, stacked["clean_ids"], stacked).view(s, -1)
+            hooks.reset()
+            clean = row_metric(model, b["clean_ids"], b)
+    finally:
+        hooks.remove()
+    assert torch.allclose(rows, torch.stack(one), atol=1e-6)
+    assert all(not torch.allclose(r, clean) for r in one)  # every head's patch changes the metric
+
+
+class _Passes:
+    """Counts forwards (input-embedding calls) and layer-rows (rows through each head-out module) of a model."""
+
+    def __init__(self, model, hooks_on) -> None:
+        self.forwards = self.layer_rows = 0
+        self.handles = [model.get_input_embeddings().register_forward_hook(self._fwd)]
+        self.handles += [m.register_forward_pre_hook(self._layer) for m in hooks_on]
+
+    def _fwd(self, module, args, out) -> None:
+        self.forwards += 1
+
+    def _layer(self, module, args) -> None:
+        self.layer_rows += args[0].shape[0]
+
+    def take(self) -> tuple[int, int]:
+        out = (self.forwards, self.layer_rows)
+        self.forwards = self.layer_rows = 0
+        return out
+
+
+def test_forward_passes_drop_as_claimed() -> None:
+    loaded = load_model("default", dtype=torch.float32, device="cpu")
+    model, tok = loaded.model.eval(), loaded.tokenizer
+    pairs = pairs_for("math", 8)
+    batches = make_pair_batches(tok, pairs, 8)
+    rows = [int(b["clean_ids"].shape[0]) for b in batches]
+    L = model.config.num_hidden_layers
+    H = model.config.num_attention_heads
+    count = _Passes(model, [lyr.self_attn.o_proj for lyr in model.model.layers])
+    try:
+        ref = circuit_of_model(model, tok, pairs, confirm_top=L * H, batch_size=8, passes=REFERENCE)
+        ref_passes = count.take()
+        new = circuit_of_model(model, tok, pairs, confirm_top=L * H, batch_size=8)
+        new_passes = count.take()
+        small = circuit_of_model(model, tok, pairs, confirm_top=L * H, batch_size=8, passes=PatchPasses(stack=3))
+        small_passes = count.take()
+        bare = circuit_of_model(model, tok, pairs, confirm_top=L * H, batch_size=8, passes={"max_cache_mb": 0})
+        bare_passes = count.take()
+    finally:
+        for h in count.handles:
+            h.remove()
+    _assert_same_circuit(ref, new)
+    _assert_same_circuit(ref, small)
+    ks = len(ref.curve_k)  # 17: every prefix size 0..16
+    assert ks == L * H + 1 and new.max_heads == 4 and new.curve_k == [0, 1, 2, 3, 4, L * H]
+    # old path, per batch: attribution (corrupted + clean), activation (corrupted + clean + one per head),
+    # curve (corrupted + one per prefix size): 2 + 18 + 18 = 38 forwards of every layer
+    per_batch = 2 + (2 + L * H) + (1 + ks)
+    assert ref_passes == (len(batches) * per_batch, sum(rows) * per_batch * L)
+    # new path, per batch: attribution 2 (its corrupted run and clean layer outputs kept for the later passes),
+    # activation one stacked forward per layer (4 heads each) computing only layers >= l, curve one forward of the
+    # 5 prefix sizes up to the cap (k = 16 is the clean run)
+    layer_rows = 2 * L + sum(H * (L - layer) for layer in range(L)) + 5 * L
+    assert new_passes == (len(batches) * (2 + L + 1), sum(rows) * layer_rows)
+    # at most 3 copies a forward: ceil(4 / 3) = 2 forwards per layer, 2 for the curve's 5 copies
+    assert small_passes == (len(batches) * (2 + 2 * L + 2), sum(rows) * layer_rows)
+    # nothing kept across passes: the corrupted run once more per pass, the clean run once more in the activation
+    _assert_same_circuit(ref, bare)
+    assert bare_passes == (len(batches) * (2 + (2 + L) + 2), sum(rows) * (layer_rows + 3 * L))
+    assert new_passes[0] * 4 < ref_passes[0] and 2 * new_passes[1] < ref_passes[1]
+
+
+def test_the_curve_stops_once_the_circuit_is_decided() -> None:
+    model, tok = _planted()
+    pairs = pairs_for("math", 12)
+    full = circuit_of_model(model, tok, pairs, confirm_top=4, batch_size=8, max_fraction=1.0, passes=REFERENCE)
+    assert full.circuit == ["L1.head.0"] and full.curve_k == [0, 1, 2, 3, 4] and not full.curve_truncated
+    # one prefix size a round: the round with k = 1 reaches the target, so k = 2, 3 are never evaluated
+    one = circuit_of_model(model, tok, pairs, confirm_top=4, batch_size=8, max_fraction=1.0,
+                           passes=PatchPasses(stack=1))
+    assert one.curve_k == [0, 1, 4] and one.curve_truncated and one.smallest_reaching_target == 1
+    _assert_same_circuit(full, one)
+    assert one.curve_faithfulness[-1] == pytest.approx(1.0, abs=1e-5)  # k = all heads: the clean run
+
+
+def test_fused_base_circuit_and_head_set_metrics_match_the_reference(tmp_path: Path) -> None:
+    a, b = make_tiny(tmp_path / "a", seed=11), make_tiny(tmp_path / "b", seed=12)
+    kw = dict(n=8, batch_size=4, confirm_top=4)
+    ref = run_circuits(a, {"rl": b, "sft": a}, "qa", passes=REFERENCE, **kw).to_json()
+    new = run_circuits(a, {"rl": b, "sft": a}, "qa", **kw).to_json()
+    for key in ("retention", "base_circuit_faithfulness", "retention_difference"):
+        for m in ref[key] if key != "retention_difference" else [None]:
+            r, x = (ref[key], new[key]) if m is None else (ref[key][m], new[key][m])
+            for f in ("value", "lo", "hi"):
+                _close(r[f], x[f], f"{key}.{m}.{f}")
+    assert ref["overlap"] == new["overlap"]
+    _close(ref["score_shift"]["rl"], new["score_shift"]["rl"], "score_shift")
+    _close(ref["differential_vulnerability"], new["differential_vulnerability"], "dv")
+    # the base circuit inside rl, measured on its own, is what the fused keep pass found
+    loaded = load_model(b, dtype=torch.float32, device="cpu")
+    pairs = pairs_for("qa", 8)
+    for passes in (REFERENCE, PatchPasses()):
+        inside = head_set_metrics(loaded.model, loaded.tokenizer, pairs, ref["models"]["base"]["circuit"], 4, passes)
+        rec_b = (np.asarray(ref["models"]["base"]["per_prompt"]["circuit_metric"])
+                 - np.asarray(ref["models"]["base"]["per_prompt"]["metric_corrupted"]))
+        assert float(np.mean(inside.kept - inside.corrupted) / np.mean(rec_b)) == pytest.approx(
+            new["retention"]["rl"]["value"], abs=1e-5)
+        _close(ref["models"]["rl"]["per_prompt"]["metric_corrupted"], inside.corrupted.tolist(), "corrupted")
+
+
+def test_patch_passes_are_validated() -> None:
+    assert patch_passes(None) == PatchPasses() and patch_passes({"stack": 2}).stack == 2
+    for bad, field in (({"stack": 0}, "stack"), ({"max_stack_tokens": 0}, "max_stack_tokens"),
+                       ({"max_cache_mb": -1}, "max_cache_mb"), ({"stak": 2}, "stak")):
+        with pytest.raises(CrossrouteError, match=f"circuit patch passes: field {field}"):
+            patch_passes(bad)

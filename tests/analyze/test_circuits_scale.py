@@ -12,6 +12,7 @@ import torch
 
 from crossroute.analyze.circuits import (
     circuit_of_model,
+    curve_rounds,
     linearised_ratio,
     max_heads_of,
     paired_ratio_diff,
@@ -145,6 +146,16 @@ def test_cap_binds_exactly_where_the_curve_says() -> None:
         assert capped.cap_binds and not capped.target_reached and capped.max_heads == k - 1
         assert capped.circuit == free.ranking[: k - 1] and capped.faithfulness == pytest.approx(f[k - 1])
         assert any("cap binds" in w for w in capped.warnings)
+        # the curve stopped at the cap: where the target is first reached is not known there; the full curve says k
+        assert capped.curve_truncated and capped.curve_k == [*range(k), 16] and capped.smallest_reaching_target is None
+        assert any("not reached up to the cap, where the curve stops; PatchPasses(full_curve=True)" in w
+                   for w in capped.warnings)
+        full = circuit_of_model(model, tok, pairs, target=0.8, max_fraction=(k - 1) / 16, confirm_top=4,
+                                passes={"full_curve": True})
+        assert full.smallest_reaching_target == k and not full.curve_truncated and full.circuit == capped.circuit
+        assert full.faithfulness == pytest.approx(capped.faithfulness, abs=1e-5)
+        assert full.curve_faithfulness[: k] == pytest.approx(capped.curve_faithfulness[: k], abs=1e-5)
+        assert capped.curve_faithfulness[-1] == pytest.approx(full.curve_faithfulness[-1], abs=1e-5) == 1.0
 
 
 def test_select_circuit_on_synthetic_curves() -> None:
@@ -167,6 +178,26 @@ def test_select_circuit_on_synthetic_curves() -> None:
             max_heads_of(16, bad)
     with pytest.raises(CrossrouteError, match="cap"):
         select_circuit(ks[:3], curve[:3], 0.8, max_heads=5)
+    # a curve stopped once the circuit is decided: reached below the cap (the cap itself never evaluated) ...
+    s = select_circuit([0, 1, 2], [0.0, 0.5, 0.9], 0.8, max_heads=4, total=16)
+    assert (s.size, s.faithfulness, s.target_reached, s.cap_binds, s.smallest_reaching) == (2, 0.9, True, False, 2)
+    # ... or stopped at the cap, which binds below all 16 heads; the smallest size reaching the target is unknown
+    s = select_circuit(ks[:5], curve[:5], 0.8, max_heads=4, total=16)
+    assert (s.size, s.faithfulness, s.target_reached, s.cap_binds, s.smallest_reaching) == (4, 0.4, False, True, None)
+
+
+def test_curve_rounds_cover_the_prefix_sizes_up_to_the_cap_once() -> None:
+    ks = list(range(17))
+    assert curve_rounds(ks, 4, 2, False) == [[0, 1], [2, 3], [4]]
+    assert curve_rounds(ks, 4, 2, False, first=1) == [[0], [1, 2], [3, 4]]  # one slot of round 1 taken
+    assert curve_rounds(ks, 4, 9, False) == [[0, 1, 2, 3, 4]]
+    assert curve_rounds(ks, 4, 9, True) == [ks] and curve_rounds(ks, 4, 0, False, first=0)[0] == [0]
+    geo = [0, 1, 2, 3, 5, 6, 7, 8, 10, 12, 15, 18, 22]  # a geometric tail past the exact range
+    for cap in (1, 6, 12, 22):
+        for per in (1, 2, 3, 7, 50):
+            rounds = curve_rounds(geo, cap, per, False, first=max(1, per - 1))
+            assert [k for r in rounds for k in r] == [k for k in geo if k <= cap]
+            assert all(1 <= len(r) <= per for r in rounds)
 
 
 def test_planted_head_scores_through_the_pure_functions() -> None:

@@ -23,7 +23,9 @@ forward pre-hook per layer reads and can replace it). Per model M:
   run clean; for the base F(all) = 1 exactly, for M F(all) = gap_M / G);
 - the circuit: the smallest prefix of the heads ranked by s_h with F >= target, at most max_fraction of
   all heads; when the target is not reached within that cap the circuit is the cap and `cap_binds`.
-Across models: retention (RETENTION_DEFINITION), set overlap |C_M ∩ C_base| / |C_base|, score shift
+How the patching forwards are batched (PatchPasses: stacked copies, kept runs, layers not recomputed, a curve
+that stops once the circuit is decided) changes their cost, not these numbers; stack=1 is the one-forward-per-
+head reference. Across models: retention (RETENTION_DEFINITION), set overlap |C_M ∩ C_base| / |C_base|, score shift
 Δ_h = s_h(M) − s_h(base), vulnerable heads s_h(SFT) < s_h(RL) − delta, differential vulnerability
 s_h(RL) − s_h(SFT). CIs: CI_METHOD (bootstrap over prompts; paired where two models share the prompts).
 """
@@ -34,16 +36,20 @@ import math
 import random
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from crossroute.analyze.routes import unit_map
+from crossroute.core.config import validate_config
 from crossroute.core.console import progress_bar
 from crossroute.core.errors import CrossrouteError
 from crossroute.core.rundir import RunDir, result_name
@@ -57,6 +63,39 @@ from crossroute.model.units import UnitMap
 CURVE_EXACT = 64  # faithfulness is evaluated at every prefix size up to this, geometrically beyond
 DEFAULT_TARGET = 0.8  # faithfulness the circuit should reach, as a share of the base gap
 DEFAULT_MAX_FRACTION = 0.25  # the circuit holds at most this share of all heads
+
+
+class PatchPasses(BaseModel):
+    """How the patching forwards are batched (never what they compute): copies per forward, memory caps, curve end.
+
+    stack=1 is the reference path, today's sequence of forwards: one forward per patched head and per prefix set,
+    the corrupted run recorded again in every pass, every layer computed. Otherwise up to `stack` copies of a batch
+    run as one forward (each copy patching its own heads), at most `max_stack_tokens` rows x padded width per
+    forward (peak activation memory); the corrupted head outputs and the clean layer outputs of the attribution
+    pass are kept for the later passes while they fit in `max_cache_mb` (else recorded again); a forward whose
+    copies patch heads of layer l and above only computes those layers (the layers below are the clean run's);
+    and the faithfulness curve stops once the circuit is decided (full_curve evaluates every prefix size; a stopped
+    curve keeps the k = all-heads point, the clean run, and says `curve_truncated`).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    stack: int | None = Field(None, ge=1)  # copies per forward (None: as many as max_stack_tokens allows)
+    max_stack_tokens: int = Field(4096, ge=1)  # rows x width of one stacked forward, at least one copy
+    max_cache_mb: float = Field(1024.0, ge=0)  # corrupted head and clean layer outputs kept across passes
+    full_curve: bool = False  # evaluate the faithfulness curve at every prefix size
+
+    @property
+    def reference(self) -> bool:
+        """One forward per copy, nothing cached or skipped: today's path."""
+        return self.stack == 1
+
+
+def patch_passes(spec: PatchPasses | dict[str, Any] | None) -> PatchPasses:
+    """A PatchPasses from itself, a mapping of its fields (validated, errors as CrossrouteError) or None (defaults)."""
+    if isinstance(spec, PatchPasses):
+        return spec
+    return validate_config(PatchPasses, dict(spec or {}), "circuit patch passes", "passes")
 
 
 # ----------------------------------------------------------------------------- prompt pairs
@@ -288,9 +327,11 @@ class HeadHooks:
     record, replace (per head) or open a gradient tap.
 
     Set before a forward pass: `record` (dict, filled layer -> head-out input), `patch`
-    (layer -> (bool[num_heads], source tensor): masked heads take the source's slice), `taps`
-    (dict, filled layer -> zero leaf added to the input, so ∂m/∂tap = ∂m/∂(head outputs)).
-    num_heads/head_dim come from the map's head layout; `units` is its UnitMap.to_json().
+    (layer -> (bool[num_heads], source tensor): masked heads take the source's slice; with a mask
+    bool[copies, num_heads] the input is `copies` stacked copies of the source's batch and copy i's masked heads
+    take the source's slice), `taps` (dict, filled layer -> zero leaf added to the input, so ∂m/∂tap =
+    ∂m/∂(head outputs)). num_heads/head_dim come from the map's head layout; `units` is its UnitMap.to_json();
+    `blocks` maps a layer to the decoder-layer module holding its head-out site (None when that is not a module).
     """
 
     def __init__(self, model: PreTrainedModel, umap: UnitMap | None = None) -> None:
@@ -305,6 +346,7 @@ class HeadHooks:
         self.patch: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
         self.taps: dict[int, torch.Tensor] | None = None
         self.handles = []
+        self.blocks: dict[int, torch.nn.Module | None] = {}
         modules = dict(model.named_modules())
         for layer in range(umap.num_layers):
             name = umap.hook_module(layer, "head_out")
@@ -322,6 +364,9 @@ class HeadHooks:
                                       f"{self.num_heads} x {self.head_dim}; check head_dim in config.json.")
             self.layers.append(layer)
             self.handles.append(module.register_forward_pre_hook(self._hook(layer, name)))
+            suffix = umap.architecture.hooks.head_out if umap.architecture is not None else None
+            block = modules.get(name[: -len(suffix)].rstrip(".")) if suffix and name.endswith(suffix) else None
+            self.blocks[layer] = block if block is not None and block is not model else None
         if not self.layers:
             raise CrossrouteError(f"model_type {umap.model_type!r} (table entry {umap.arch!r}) has no head_out hook "
                                   "site in crossroute's architecture table; add it with crossroute.model.units."
@@ -335,8 +380,15 @@ class HeadHooks:
                                       f"head_dim = {self.num_heads} x {self.head_dim}; check head_dim in config.json.")
             if self.patch is not None and layer in self.patch:
                 heads, src = self.patch[layer]
-                cols = heads.to(x.device).repeat_interleave(self.head_dim)
-                x = torch.where(cols, src.to(x.dtype), x)
+                if heads.dim() == 1:
+                    cols = heads.to(x.device).repeat_interleave(self.head_dim)
+                    x = torch.where(cols, src.to(x.dtype), x)
+                else:  # copy i = rows [i*B, (i+1)*B) takes the source at its own masked heads
+                    n = heads.shape[0]
+                    cols = heads.to(x.device).repeat_interleave(self.head_dim, dim=1)
+                    cols = cols.reshape(n, *([1] * (x.dim() - 1)), x.shape[-1])
+                    x = torch.where(cols, src.to(x.dtype).unsqueeze(0),
+                                    x.reshape(n, -1, *x.shape[1:])).reshape(x.shape)
             if self.record is not None:
                 self.record[layer] = x.detach()
             if self.taps is not None:
@@ -368,9 +420,9 @@ def row_metric(model: PreTrainedModel, ids: torch.Tensor, batch: PairBatch) -> t
     sel = target != -100
     base, head = getattr(model, "model", None), model.get_output_embeddings()
     if base is None or head is None:
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1][sel]
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1][sel]
     else:
-        hidden = base(input_ids=ids, attention_mask=mask)[0]
+        hidden = base(input_ids=ids, attention_mask=mask, use_cache=False)[0]
         logits = head(hidden[:, :-1][sel])
         cfg = getattr(model.config, "text_config", None) or model.config
         cap = getattr(cfg, "final_logit_softcapping", None)
@@ -527,17 +579,19 @@ class Selection:
     smallest_reaching: int | None  # smallest evaluated prefix (>= 1 head) with F >= target, cap ignored
 
 
-def select_circuit(ks: list[int], faith: list[float], target: float, max_heads: int) -> Selection:
-    """Smallest prefix k in 1..max_heads with F(k) >= target; when there is none, the cap itself (the cap binds)."""
+def select_circuit(ks: list[int], faith: list[float], target: float, max_heads: int, total: int | None = None
+                   ) -> Selection:
+    """Smallest prefix k in 1..max_heads with F(k) >= target; when there is none, the cap itself (the cap binds when
+    it is below `total`, all heads, default max(ks)). `ks` ascending; they may stop once that is decided."""
     if len(ks) != len(faith):
         raise CrossrouteError(f"select_circuit: {len(ks)} prefix sizes but {len(faith)} faithfulness values.")
-    if max_heads not in ks:
-        raise CrossrouteError(f"select_circuit: the cap {max_heads} is not an evaluated prefix size.")
     at = dict(zip(ks, faith, strict=True))
     reach = next((k for k in ks if k >= 1 and at[k] >= target), None)  # NaN never reaches
     if reach is not None and reach <= max_heads:
         return Selection(reach, at[reach], True, False, reach)
-    return Selection(max_heads, at[max_heads], False, max_heads < max(ks), reach)
+    if max_heads not in at:
+        raise CrossrouteError(f"select_circuit: the cap {max_heads} is not an evaluated prefix size.")
+    return Selection(max_heads, at[max_heads], False, max_heads < (max(ks) if total is None else total), reach)
 
 
 # ----------------------------------------------------------------------------- one model
@@ -580,7 +634,8 @@ class ModelCircuit:
     max_heads: int
     target_reached: bool
     cap_binds: bool
-    smallest_reaching_target: int | None
+    smallest_reaching_target: int | None  # None: not reached (up to the cap when the curve is truncated)
+    curve_truncated: bool = False  # the curve stopped once the circuit was decided; its last point is k = all heads
     attribution_vs_activation: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -592,14 +647,16 @@ class ModelCircuit:
         return {f"L{i}.head.{h}": self.score[i][h] for i in range(len(self.score)) for h in range(nh)}
 
 
-def _keep_patch(hooks: HeadHooks, keep: set[tuple[int, int]], corr: dict[int, torch.Tensor]
-                ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+Copy = dict[int, torch.Tensor]  # one stacked copy: layer -> bool[num_heads], heads patched to their corrupted output
+
+
+def _keep_masks(hooks: HeadHooks, keep: set[tuple[int, int]]) -> Copy:
     """Patch every head outside `keep` to its corrupted output (layers with nothing to patch skipped)."""
     out = {}
     for layer in hooks.layers:
         heads = torch.tensor([(layer, h) not in keep for h in range(hooks.num_heads)])
         if bool(heads.any()):
-            out[layer] = (heads, corr[layer])
+            out[layer] = heads
     return out
 
 
@@ -612,20 +669,166 @@ def _record_corrupted(model: PreTrainedModel, hooks: HeadHooks, b: PairBatch) ->
     return corr, m
 
 
+class _Budget:
+    """Bytes the cross-pass caches may still hold (PatchPasses.max_cache_mb); a cache that does not fit recomputes."""
+
+    def __init__(self, nbytes: float) -> None:
+        self.left = nbytes
+
+    def take(self, tensors: Iterable[torch.Tensor]) -> bool:
+        size = sum(t.numel() * t.element_size() for t in tensors)
+        if size > self.left:
+            return False
+        self.left -= size
+        return True
+
+
+class _Corrupted:
+    """Each batch's corrupted head-out inputs: recorded when asked, kept across passes while the budget lasts."""
+
+    def __init__(self, model: PreTrainedModel, hooks: HeadHooks, budget: _Budget) -> None:
+        self.model, self.hooks, self.budget = model, hooks, budget
+        self.kept: dict[int, dict[int, torch.Tensor]] = {}
+
+    def keep(self, i: int, corr: dict[int, torch.Tensor]) -> None:
+        if self.budget.take(corr.values()):
+            self.kept[i] = corr
+
+    def __call__(self, i: int, b: PairBatch) -> dict[int, torch.Tensor]:
+        """Batch i's corrupted head-out inputs (call under no_grad)."""
+        if i not in self.kept:
+            corr, _ = _record_corrupted(self.model, self.hooks, b)
+            self.keep(i, corr)
+            return corr
+        return self.kept[i]
+
+
+class _CleanBlocks:
+    """A batch's clean decoder-layer outputs and row metric, recorded in the attribution pass's clean forward (kept
+    while the budget lasts, else recorded again); they stand in for the layers below a stacked forward's first
+    patched layer (those layers compute exactly the clean run there), so only the layers above are computed."""
+
+    def __init__(self, hooks: HeadHooks, budget: _Budget) -> None:
+        blocks = [hooks.blocks.get(layer) for layer in hooks.layers]
+        self.blocks, self.budget = blocks, budget
+        self.usable = all(b is not None for b in blocks) and len({id(b) for b in blocks}) == len(blocks)
+        self.out: dict[int, torch.Tensor] = {}
+        self.kept: dict[int, tuple[dict[int, torch.Tensor], torch.Tensor]] = {}
+
+    def keep(self, i: int, rows: torch.Tensor) -> None:
+        """Keep the outputs just recorded, and the rows' metric, as batch i's."""
+        rows = rows.detach()
+        if self.usable and len(self.out) == len(self.blocks) and self.budget.take([*self.out.values(), rows]):
+            self.kept[i] = (self.out, rows)
+
+    def use(self, i: int) -> torch.Tensor | None:
+        """Batch i's kept outputs become the current ones (the cache lets go of them); its rows' metric, else None."""
+        if i not in self.kept:
+            return None
+        self.out, rows = self.kept.pop(i)
+        return rows
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        """Keep every layer's output of the forward run inside (a layer returning no plain tensor: never skip)."""
+        self.out = {}
+        handles = [b.register_forward_hook(self._keep(layer)) for layer, b in enumerate(self.blocks)
+                   if b is not None] if self.usable else []
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _keep(self, layer: int) -> Callable[..., None]:
+        def fn(module: torch.nn.Module, args: Any, out: Any) -> None:
+            if isinstance(out, torch.Tensor):
+                self.out[layer] = out.detach()
+            else:
+                self.usable = False
+
+        return fn
+
+    @contextmanager
+    def skipping(self, depth: int, copies: int) -> Iterator[None]:
+        """Layers < depth return their recorded clean output, repeated for `copies` stacked copies, uncomputed."""
+        saved: list[tuple[torch.nn.Module, Any]] = []
+        if self.usable and all(layer in self.out for layer in range(depth)):
+            for layer in range(depth):
+                block, out = self.blocks[layer], self.out[layer]
+                assert block is not None  # usable
+                saved.append((block, block.__dict__.get("forward")))
+                block.forward = partial(_stand_in, out.repeat(copies, *([1] * (out.dim() - 1))))
+        try:
+            yield
+        finally:
+            for block, forward in saved:
+                if forward is None:
+                    del block.forward
+                else:
+                    block.forward = forward
+
+
+def _stand_in(out: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return out
+
+
+def _stacked(b: PairBatch, copies: int) -> PairBatch:
+    """The batch repeated `copies` times along the batch dimension (copy i = rows [i*B, (i+1)*B))."""
+    return b if copies == 1 else {k: v.repeat(copies, *([1] * (v.dim() - 1))) for k, v in b.items()}
+
+
+def _per_forward(b: PairBatch, passes: PatchPasses) -> int:
+    """Copies of batch `b` one forward holds: `stack` (all that fit when None), at most max_stack_tokens, >= 1."""
+    rows, width = b["clean_ids"].shape
+    fit = max(1, passes.max_stack_tokens // max(1, rows * width))
+    return fit if passes.stack is None else min(passes.stack, fit)
+
+
+def _patched_rows(model: PreTrainedModel, hooks: HeadHooks, b: PairBatch, corr: dict[int, torch.Tensor],
+                  copies: list[Copy], per_forward: int, blocks: _CleanBlocks | None = None) -> torch.Tensor:
+    """Per copy and row: m(clean run with the copy's heads patched to corrupted) [len(copies), B], `per_forward`
+    copies stacked per forward; with `blocks` (recorded on this batch) the layers below each forward's first
+    patched layer are not computed."""
+    out = []
+    for start in range(0, len(copies), per_forward):
+        group = copies[start: start + per_forward]
+        s = len(group)
+        patch = {}
+        for layer in sorted({layer for c in group for layer in c}):
+            none = torch.zeros(hooks.num_heads, dtype=torch.bool)
+            mask = group[0][layer] if s == 1 else torch.stack([c.get(layer, none) for c in group])
+            patch[layer] = (mask, corr[layer])
+        depth = min(min(c, default=0) for c in group)
+        sb = _stacked(b, s)
+        hooks.patch = patch
+        with blocks.skipping(depth, s) if blocks is not None else nullcontext():
+            rows = row_metric(model, sb["clean_ids"], sb)
+        hooks.patch = None
+        out.append(rows.view(s, -1))
+    return torch.cat(out) if out else torch.zeros(0, b["clean_ids"].shape[0], dtype=torch.float64)
+
+
 def _attribution_pass(model: PreTrainedModel, hooks: HeadHooks, batches: list[PairBatch], n: int,
-                      device: torch.device, tick: Callable[[], None]
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per prompt: clean and corrupted metric, and attribution Σ_pos (a_corr − a_clean)·∂m/∂a per head [n, L, H]."""
+                      device: torch.device, tick: Callable[[], None], corrupted: _Corrupted | None = None,
+                      blocks: _CleanBlocks | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per prompt: clean and corrupted metric, and attribution Σ_pos (a_corr − a_clean)·∂m/∂a per head [n, L, H];
+    the corrupted head outputs and clean layer outputs are offered to `corrupted` and `blocks` for later passes."""
     L, H = len(hooks.layers), hooks.num_heads
     clean_p, corr_p = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
     attr_p = torch.zeros(n, L, H, dtype=torch.float64)
-    for b in batches:
+    for i, b in enumerate(batches):
         b = _to(b, device)
         with torch.no_grad():
             corr, mc = _record_corrupted(model, hooks, b)
+        if corrupted is not None:
+            corrupted.keep(i, corr)
         _add_by_pair(corr_p, mc, b)
         hooks.record, hooks.taps = (clean := {}), (taps := {})
-        rows = row_metric(model, b["clean_ids"], b)
+        with blocks.recording() if blocks is not None else nullcontext():
+            rows = row_metric(model, b["clean_ids"], b)  # taps are 0: the clean run's values
+        if blocks is not None:
+            blocks.keep(i, rows)
         hooks.reset()
         _add_by_pair(clean_p, rows, b)
         grads = torch.autograd.grad(rows.sum(), [taps[layer] for layer in hooks.layers])  # rows independent
@@ -640,42 +843,76 @@ def _attribution_pass(model: PreTrainedModel, hooks: HeadHooks, batches: list[Pa
 
 
 def _activation_pass(model: PreTrainedModel, hooks: HeadHooks, batches: list[PairBatch], n: int,
-                     device: torch.device, top: list[tuple[int, int]], tick: Callable[[], None]) -> torch.Tensor:
-    """Per prompt: m(clean, head h alone patched to corrupted) − m(clean) for each head in `top` [n, L, H]."""
+                     device: torch.device, top: list[tuple[int, int]], tick: Callable[[], None],
+                     passes: PatchPasses, corrupted: _Corrupted, blocks: _CleanBlocks | None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per prompt: m(clean, head h alone patched to corrupted) − m(clean) for each head in `top` [n, L, H], and
+    m(clean) [n] of the clean run subtracted. Heads of one layer share stacked forwards (with `blocks`, computing
+    only that layer and those above it)."""
     act_p = torch.zeros(n, len(hooks.layers), hooks.num_heads, dtype=torch.float64)
+    clean_p = torch.zeros(n, dtype=torch.float64)
+    by_layer: dict[int, list[int]] = {}
+    for layer, h in top:
+        by_layer.setdefault(layer, []).append(h)
     with torch.no_grad():
-        for b in batches:
+        for i, b in enumerate(batches):
             b = _to(b, device)
-            corr, _ = _record_corrupted(model, hooks, b)
-            base_rows = row_metric(model, b["clean_ids"], b)
-            for layer, h in top:
-                heads = torch.zeros(hooks.num_heads, dtype=torch.bool)
-                heads[h] = True
-                hooks.patch = {layer: (heads, corr[layer])}
-                acc = torch.zeros(n, dtype=torch.float64)
-                _add_by_pair(acc, row_metric(model, b["clean_ids"], b) - base_rows, b)
-                act_p[:, layer, h] += acc
+            corr = corrupted(i, b)
+            base_rows = blocks.use(i) if blocks is not None else None
+            if base_rows is None:
+                with blocks.recording() if blocks is not None else nullcontext():
+                    base_rows = row_metric(model, b["clean_ids"], b)
+            _add_by_pair(clean_p, base_rows, b)
+            for layer in sorted(by_layer):
+                heads = by_layer[layer]
+                copies = [{layer: torch.arange(hooks.num_heads) == h} for h in heads]
+                rows = _patched_rows(model, hooks, b, corr, copies, _per_forward(b, passes), blocks)
+                for h, r in zip(heads, rows, strict=True):
+                    acc = torch.zeros(n, dtype=torch.float64)
+                    _add_by_pair(acc, r - base_rows, b)
+                    act_p[:, layer, h] += acc
             hooks.reset()
             tick()
-    return act_p
+    return act_p, clean_p
 
 
 def _keep_pass(model: PreTrainedModel, hooks: HeadHooks, batches: list[PairBatch], n: int, device: torch.device,
-               keeps: list[set[tuple[int, int]]], tick: Callable[[], None] = lambda: None) -> torch.Tensor:
+               keeps: list[set[tuple[int, int]]], tick: Callable[[], None], passes: PatchPasses,
+               corrupted: _Corrupted) -> torch.Tensor:
     """Per prompt: m(clean run with every head outside keeps[i] patched to corrupted) [n, len(keeps)]."""
     keep_p = torch.zeros(n, len(keeps), dtype=torch.float64)
+    copies = [_keep_masks(hooks, keep) for keep in keeps]
     with torch.no_grad():
-        for b in batches:
+        for i, b in enumerate(batches):
             b = _to(b, device)
-            corr, _ = _record_corrupted(model, hooks, b)
-            for i, keep in enumerate(keeps):
-                hooks.patch = _keep_patch(hooks, keep, corr)
+            rows = _patched_rows(model, hooks, b, corrupted(i, b), copies, _per_forward(b, passes))
+            for j, r in enumerate(rows):
                 acc = torch.zeros(n, dtype=torch.float64)
-                _add_by_pair(acc, row_metric(model, b["clean_ids"], b), b)
-                keep_p[:, i] = keep_p[:, i] + acc
+                _add_by_pair(acc, r, b)
+                keep_p[:, j] = keep_p[:, j] + acc
             hooks.reset()
             tick()
     return keep_p
+
+
+def curve_rounds(ks: list[int], max_heads: int, per_round: int, full: bool, first: int | None = None
+                 ) -> list[list[int]]:
+    """The prefix sizes in evaluation rounds: all of them in one (full curve), else those up to the cap, where the
+    circuit is decided, `per_round` at a time (`first` in the first round; the curve stops after the round that
+    reaches the target)."""
+    if full:
+        return [list(ks)]
+    head = [k for k in ks if k <= max_heads]
+    cut = max(1, per_round if first is None else first)
+    step = max(1, per_round)
+    return [head[:cut], *(head[i: i + step] for i in range(cut, len(head), step))]
+
+
+def _reaches(ks: list[int], keep_p: torch.Tensor, corr_p: torch.Tensor, scale: float, target: float) -> bool:
+    """Whether some prefix of >= 1 head has F >= target (F as the result reports it; an undefined F never reaches)."""
+    rec = (keep_p - corr_p[:, None]).mean(0)
+    return any(k >= 1 and (f := _ratio_or_none(float(v), scale)) is not None and f >= target
+               for k, v in zip(ks, rec, strict=True))
 
 
 def _agreement(attr: torch.Tensor, act: torch.Tensor, top: list[tuple[int, int]]) -> dict[str, Any]:
@@ -723,6 +960,38 @@ def _gap_warnings(gap: float, scale: float, is_base: bool) -> list[str]:
     return out
 
 
+def _curve(model: PreTrainedModel, hooks: HeadHooks, batches: list[PairBatch], n: int, device: torch.device,
+           ranking: list[tuple[int, int]], ks: list[int], rule: tuple[float, float, int], passes: PatchPasses,
+           corrupted: _Corrupted, clean_p: torch.Tensor, corr_p: torch.Tensor,
+           extra: list[set[tuple[int, int]]], tick: Callable[[], None]
+           ) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """Per-prompt m(top-k heads kept) [n, len(evaluated ks)] in rounds (curve_rounds), stopping once the circuit is
+    decided; `rule` = (scale, target, max_heads). Off the reference path the k = all-heads point is the clean run
+    `clean_p` (nothing patched), not computed again. `extra` head sets ride along in the first round (in place of
+    as many prefix sizes) [n, len(extra)].
+    """
+    scale, target, max_heads = rule
+    total = ks[-1]
+    per_round = min(_per_forward(b, passes) for b in batches)
+    done: list[int] = []
+    cols: list[torch.Tensor] = []
+    extra_p = torch.zeros(n, 0, dtype=torch.float64)
+    for r, rnd in enumerate(curve_rounds(ks, max_heads, per_round, passes.full_curve, per_round - len(extra))):
+        run = [k for k in rnd if passes.reference or k != total]
+        sets = [set(ranking[:k]) for k in run] + (extra if r == 0 else [])
+        got = _keep_pass(model, hooks, batches, n, device, sets, tick if r == 0 else lambda: None, passes, corrupted)
+        if r == 0:
+            extra_p = got[:, len(run):]
+        by_k = dict(zip(run, got[:, : len(run)].unbind(1), strict=True))
+        cols += [by_k.get(k, clean_p) for k in rnd]
+        done += rnd
+        if not passes.full_curve and _reaches(done, torch.stack(cols, 1), corr_p, scale, target):
+            break
+    if done[-1] != total:  # stopped early: the all-heads end point is the clean run
+        done, cols = [*done, total], [*cols, clean_p]
+    return done, torch.stack(cols, 1), extra_p
+
+
 def circuit_of_model(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -735,16 +1004,28 @@ def circuit_of_model(
     max_fraction: float = DEFAULT_MAX_FRACTION,
     base_gap: Any = None,
     seed: int = 0,
+    passes: PatchPasses | dict[str, Any] | None = None,
 ) -> ModelCircuit:
     """Attribution patching for every head, activation patching for the top heads, the capped circuit.
 
     `base_gap`: the base model's per-prompt clean−corrupted gaps (same pairs, same order), the scale of every
-    score and faithfulness; None for the base model itself (its own gaps).
+    score and faithfulness; None for the base model itself (its own gaps). `passes`: how the patching forwards
+    are batched (PatchPasses; the results do not depend on it beyond float rounding, except where the curve stops).
     """
+    return _circuit(model, tokenizer, pairs, target, confirm_top, batch_size, show_progress, label, max_fraction,
+                    base_gap, seed, patch_passes(passes))[0]
+
+
+def _circuit(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: list[Pair], target: float,
+             confirm_top: int, batch_size: int, show_progress: bool, label: str, max_fraction: float, base_gap: Any,
+             seed: int, passes: PatchPasses, also_keep: list[str] | None = None
+             ) -> tuple[ModelCircuit, HeadSetRun | None]:
+    """circuit_of_model, and the head set `also_keep` measured in the same passes (head_set_metrics' values)."""
     if not pairs:
         raise CrossrouteError("circuits: no prompt pairs.")
     if not 0 < target <= 1:
         raise CrossrouteError(f"--target {target}: the faithfulness target must be in (0, 1].")
+    extra = [] if also_keep is None else [{parse_head(u) for u in also_keep}]
     t0 = time.perf_counter()
     n = len(pairs)
     device = next(model.parameters()).device
@@ -760,16 +1041,19 @@ def circuit_of_model(
         raise CrossrouteError(f"circuits: {len(base_gap)} base gaps for {n} prompt pairs; give the base's per-prompt "
                               "gaps on the same pairs.")
     flat = [(layer, h) for layer in range(L) for h in range(H)]
+    budget = _Budget(0 if passes.reference else passes.max_cache_mb * 2 ** 20)
+    corrupted = _Corrupted(model, hooks, budget)
+    blocks = None if passes.reference else _CleanBlocks(hooks, budget)
     with _Frozen(model, hooks), progress_bar(show_progress) as bar:
         task = bar.add_task(f"{label}: attribution, activation patching, faithfulness", total=3 * len(batches))
 
         def tick() -> None:
             bar.advance(task)
 
-        clean_p, corr_p, attr_p = _attribution_pass(model, hooks, batches, n, device, tick)
+        clean_p, corr_p, attr_p = _attribution_pass(model, hooks, batches, n, device, tick, corrupted, blocks)
         attr = attr_p.mean(0)
         top = sorted(flat, key=lambda lh: -abs(float(attr[lh])))[: max(0, min(confirm_top, L * H))]
-        act_p = _activation_pass(model, hooks, batches, n, device, top, tick)
+        act_p, clean_run_p = _activation_pass(model, hooks, batches, n, device, top, tick, passes, corrupted, blocks)
         confirmed = torch.zeros(L, H, dtype=torch.bool)
         for lh in top:
             confirmed[lh] = True
@@ -779,12 +1063,17 @@ def circuit_of_model(
         scale_p = gap_p if base_gap is None else torch.as_tensor(np.asarray(base_gap, dtype=np.float64))
         sign = -1.0 if float(scale_p.mean()) < 0 else 1.0  # rank by s_h = −effect / G (by −effect when G = 0)
         ranking = sorted(flat, key=lambda lh: (sign * float(effect[lh]), lh))
-        ks = prefix_sizes(L * H, include=(max_heads,))
-        keep_p = _keep_pass(model, hooks, batches, n, device, [set(ranking[:k]) for k in ks], tick)
+        all_ks = prefix_sizes(L * H, include=(max_heads,))
+        ks, keep_p, extra_p = _curve(model, hooks, batches, n, device, ranking, all_ks,
+                                     (float(scale_p.mean()), target, max_heads), passes, corrupted, clean_run_p, corr_p,
+                                     extra, tick)
+    truncated = ks != all_ks
     scale, gap = float(scale_p.mean()), float(gap_p.mean())
     rec = (keep_p - corr_p[:, None]).mean(0)
     faith = [_ratio_or_none(float(v), scale) for v in rec]
-    sel = select_circuit(ks, [math.nan if f is None else f for f in faith], target, max_heads)
+    upto = len(ks) - 1 if truncated else len(ks)  # the evaluated run of prefix sizes, without a stopped curve's end
+    sel = select_circuit(ks[:upto], [math.nan if f is None else f for f in faith[:upto]], target, max_heads,
+                         total=L * H)
     i_star = ks.index(sel.size)
     neg = (-effect_p).numpy()
     scores = score_grid(neg, scale_p.numpy(), seed)
@@ -794,13 +1083,14 @@ def circuit_of_model(
         warnings.append(f"with every head patched F = {faith[0]:.3f} >= target {target:g}: the heads are not needed "
                         "for this capability; the circuit still holds at least one head.")
     if sel.cap_binds:
-        need = "not within any evaluated prefix" if sel.smallest_reaching is None else \
-            f"first at {sel.smallest_reaching} heads"
+        need = (f"reached first at {sel.smallest_reaching} heads" if sel.smallest_reaching is not None else
+                "not reached up to the cap, where the curve stops; PatchPasses(full_curve=True) evaluates beyond it"
+                if truncated else "reached not within any evaluated prefix")
         warnings.append(f"the size cap binds: {max_heads} heads ({max_fraction:.0%} of {L * H}) reach "
-                        f"F = {sel.faithfulness:.3f} < target {target:g} (reached {need}).")
+                        f"F = {sel.faithfulness:.3f} < target {target:g} ({need}).")
     act = torch.where(confirmed, act_p.mean(0), torch.tensor(float("nan"), dtype=torch.float64))
     names = [f"L{layer}.head.{h}" for layer, h in ranking]
-    return ModelCircuit(
+    res = ModelCircuit(
         path="", n_pairs=n, metric_clean=float(clean_p.mean()), metric_corrupted=float(corr_p.mean()), gap=gap,
         gap_ci=mean_ci_of(gap_p.numpy(), seed), scale_gap=scale, capability=ratio_ci(gap_p.numpy(), scale_p.numpy(),
                                                                                     seed),
@@ -813,11 +1103,13 @@ def circuit_of_model(
         circuit=names[: sel.size], faithfulness=_none(sel.faithfulness),
         faithfulness_ci=ratio_ci((keep_p[:, i_star] - corr_p).numpy(), scale_p.numpy(), seed),
         target=target, max_fraction=max_fraction, max_heads=max_heads, target_reached=sel.target_reached,
-        cap_binds=sel.cap_binds, smallest_reaching_target=sel.smallest_reaching,
+        cap_binds=sel.cap_binds, smallest_reaching_target=sel.smallest_reaching, curve_truncated=truncated,
         attribution_vs_activation=_agreement(attr, act, top), warnings=warnings,
         seconds=round(time.perf_counter() - t0, 3), units=hooks.units,
         per_prompt={"metric_clean": clean_p.tolist(), "metric_corrupted": corr_p.tolist(),
                     "effect": effect_p.tolist(), "circuit_metric": keep_p[:, i_star].tolist()})
+    kept = HeadSetRun(clean_run_p.numpy(), corr_p.numpy(), extra_p[:, 0].numpy()) if extra else None
+    return res, kept
 
 
 @dataclass(frozen=True)
@@ -835,23 +1127,28 @@ class HeadSetRun:
 
 
 def head_set_metrics(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: list[Pair],
-                     heads: list[str], batch_size: int = 32) -> HeadSetRun:
-    """Per-prompt metrics for an explicit head set S (e.g. the base circuit inside a fine-tuned model)."""
+                     heads: list[str], batch_size: int = 32, passes: PatchPasses | dict[str, Any] | None = None
+                     ) -> HeadSetRun:
+    """Per-prompt metrics for an explicit head set S (e.g. the base circuit inside a fine-tuned model): per batch one
+    corrupted forward, then the clean run and the run with S kept (two copies, stacked off the reference path)."""
+    passes = patch_passes(passes)
     keep = {parse_head(u) for u in heads}
     device = next(model.parameters()).device
     batches = make_pair_batches(tokenizer, pairs, batch_size)
     hooks = HeadHooks(model)
     n = len(pairs)
-    clean_p, corr_p = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+    clean_p, corr_p, kept_p = (torch.zeros(n, dtype=torch.float64) for _ in range(3))
     with _Frozen(model, hooks), torch.no_grad():
+        copies = [{}, _keep_masks(hooks, keep)]
         for b in batches:
             b = _to(b, device)
             corr, mc = _record_corrupted(model, hooks, b)
             _add_by_pair(corr_p, mc, b)
-            _add_by_pair(clean_p, row_metric(model, b["clean_ids"], b), b)
+            clean, kept = _patched_rows(model, hooks, b, corr, copies, _per_forward(b, passes))
+            _add_by_pair(clean_p, clean, b)
+            _add_by_pair(kept_p, kept, b)
             hooks.reset()
-        kept = _keep_pass(model, hooks, batches, n, device, [keep])[:, 0]
-    return HeadSetRun(clean_p.numpy(), corr_p.numpy(), kept.numpy())
+    return HeadSetRun(clean_p.numpy(), corr_p.numpy(), kept_p.numpy())
 
 
 # ----------------------------------------------------------------------------- across models
@@ -1000,13 +1297,16 @@ def run_circuits(
     device: str | None = None,
     show_progress: bool = False,
     max_fraction: float = DEFAULT_MAX_FRACTION,
+    passes: PatchPasses | dict[str, Any] | None = None,
 ) -> CircuitsResult:
     """Circuits of `base` and every model in `models` (NAME=PATH list or dict) on `domain`'s pairs, base scale.
 
     Writes RUN_DIR/results/circuits_{domain}.json when run_dir is given. Vulnerable heads and
-    differential vulnerability need models named `rl_name` and `sft_name` (default rl, sft).
+    differential vulnerability need models named `rl_name` and `sft_name` (default rl, sft). `passes`: how the
+    patching forwards are batched (PatchPasses); the base circuit inside each model is measured in its passes.
     """
     t0 = time.perf_counter()
+    plan = patch_passes(passes)
     named = parse_models(models) if models else {}
     name, pairs = resolve_pairs(domain, n, seed, split)
     if not pairs:
@@ -1022,17 +1322,16 @@ def run_circuits(
         loaded = None  # free the previous model before loading the next (peak: one model, not two)
         loaded = load_model(path, dtype=torch.float32, device=dev)
         base_gap = None if mname == "base" else _prompt_arrays(results["base"])[1]
-        res = circuit_of_model(loaded.model, loaded.tokenizer, pairs, target, confirm_top, batch_size,
-                               show_progress, f"circuits {mname}", max_fraction=max_fraction, base_gap=base_gap,
-                               seed=seed)
+        res, inside = _circuit(loaded.model, loaded.tokenizer, pairs, target, confirm_top, batch_size, show_progress,
+                               f"circuits {mname}", max_fraction, base_gap, seed, plan,
+                               None if mname == "base" else results["base"].circuit)
         res.path = str(loaded.path)
         if layout and _layout(res) != layout:
             raise CrossrouteError(f"{path}: head layout {_layout(res)} differs from the base's {layout}; circuits "
                                   "compare fine-tunes of one base.")
         layout = _layout(res)
         results[mname] = res
-        if mname != "base":
-            inside = head_set_metrics(loaded.model, loaded.tokenizer, pairs, results["base"].circuit, batch_size)
+        if inside is not None:
             compared[mname] = compare_to_base(results["base"], res, inside, seed)
     base_res = results["base"]
     _, gap_b, rec_b = _prompt_arrays(base_res)

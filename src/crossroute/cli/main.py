@@ -367,6 +367,7 @@ def diff(
     top_k: Annotated[float, typer.Option(help="top-k % changed units per kind, in (0, 100]")] = 1.0,
     base: Annotated[str | None, typer.Option(help="with a trajectory folder: the checkpoint before its first step "
                                              "(or 'default')")] = None,
+    kernel: Annotated[str, typer.Option(help="block kernel: numba (default) or torch (the reference path)")] = "numba",
 ) -> None:
     """Update anatomy of each checkpoint against its predecessor, streamed tensor by tensor (fp32).
 
@@ -398,7 +399,7 @@ def diff(
     else:
         ckpts, names = list(paths), [p.name for p in paths]
         run = open_run(out or Path("runs/diff"), {"checkpoints": [str(c) for c in ckpts]}, kind="diff")
-    result = diff_sequence(ckpts, top_k_percent=top_k, progress=True)
+    result = diff_sequence(ckpts, top_k_percent=top_k, progress=True, kernel=kernel)
     data = result.to_json()
     data["stage_names"] = names[1:]
     if names[-1].startswith("step_"):
@@ -581,6 +582,8 @@ def circuits(
     batch_size: Annotated[int, typer.Option(min=1, help="rows per forward pass")] = 32,
     out: Annotated[Path, typer.Option(file_okay=False, help="run directory (an existing run gains "
                                       "results/circuits_D.json)")] = Path("runs/circuits"),
+    full_curve: Annotated[bool, typer.Option("--full-curve", help="evaluate the faithfulness curve at every "
+                                             "prefix size (default: until the circuit is decided)")] = False,
 ) -> None:
     """Head-level circuits (attribution patching, confirmed by activation patching) on the base model's scale,
     their retention and the RL - SFT differential vulnerability, with 95 % CIs over prompts.
@@ -594,9 +597,9 @@ def circuits(
     from crossroute.report.console import print_circuits
 
     run = analysis_run(out, {"base": base, "models": models, "domain": domain, "n": n, "target": target,
-                             "max_fraction": max_fraction, "delta": delta}, kind="circuits")
+                             "max_fraction": max_fraction, "delta": delta, "full_curve": full_curve}, kind="circuits")
     res = run_circuits(base, models, domain, n=n, target=target, delta=delta, run_dir=run.root, show_progress=True,
-                       max_fraction=max_fraction, batch_size=batch_size)
+                       max_fraction=max_fraction, batch_size=batch_size, passes={"full_curve": full_curve})
     print_circuits(res.to_json())
     console.print(f"report: {write_report(run.root)}")
 

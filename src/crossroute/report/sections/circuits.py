@@ -142,10 +142,15 @@ def render_circuits_section(result: dict[str, Any]) -> str:
         for w in r.get("warnings") or []:
             parts.append(f"<p><b>{html.escape(m)}</b>: {html.escape(w)}</p>")
     total = layout["num_layers"] * layout["num_heads"]
-    series = {m: [float("nan") if f is None else f for f in r["curve_faithfulness"]] for m, r in models.items()}
-    ks = next(iter(models.values()))["curve_k"]
+    ks = sorted({k for r in models.values() for k in r["curve_k"]})  # a stopped curve holds fewer prefix sizes
+    series = {}
+    for m, r in models.items():
+        at = dict(zip(r["curve_k"], r["curve_faithfulness"], strict=True))
+        series[m] = [float("nan") if at.get(k) is None else at[k] for k in ks]
+    stopped = any(r.get("curve_truncated") for r in models.values())
+    note = "; evaluated until the circuit is decided, then k = all heads (the clean run)" if stopped else ""
     parts.append(line_plot([str(k) for k in ks], series, f"faithfulness of the top-k heads, base scale ({total} heads; "
-                           f"cap {models['base']['max_heads']})", "F"))
+                           f"cap {models['base']['max_heads']}{note})", "F"))
     for m, r in models.items():
         parts.append(f"<p><b>{html.escape(m)}</b> circuit ({circuit_size(r)}): "
                      f"{html.escape(', '.join(r['circuit']) or '(empty)')}</p>")
