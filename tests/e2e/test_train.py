@@ -43,7 +43,7 @@ def tiny_config(model: Path, steps: int = 2) -> dict[str, Any]:
         ({"grpo": {"num_generations": 3, "per_device_train_batch_size": 8}},
          "stages[0].grpo: generation_batch_size (8) must be divisible by num_generations (3)"),
         ({"grpo": {"num_generations": 1, "per_device_train_batch_size": 8}}, "stages[0].grpo"),
-        ({"grpo": {"learning_rat": 1e-3}}, "stages[0].grpo.learning_rat: not a GRPOConfig field"),
+        ({"grpo": {"learning_rat": 1e-3}}, "stages[0].grpo.learning_rat: not a field of GRPOConfig"),
         ({"refresh": {"domain": "cw", "steps": 1}}, "refresh.domain 'cw' is not declared in domains"),
     ],
 )

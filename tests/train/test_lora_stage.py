@@ -45,7 +45,7 @@ def test_a_lora_stage_moves_only_its_targets_by_rank_r(tmp_path: Path, tiny_ckpt
 
 
 @pytest.mark.parametrize(("peft", "needle"), [
-    ({"r": 2, "rank": 3}, "stages[0].peft.rank: not a LoraConfig field"),
+    ({"r": 2, "rank": 3}, "stages[0].peft.rank: not a field of LoraConfig"),
     ({"r": 2, "use_dora": True}, "stages[0].peft.use_dora: DoRA is not supported"),
 ])
 def test_bad_peft_settings_are_refused_by_name(tiny_ckpt: Path, peft: dict, needle: str) -> None:

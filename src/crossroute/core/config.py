@@ -150,3 +150,15 @@ def parse_layers(spec: str, flag: str = "--layers") -> list[int]:
                                   "0 <= LOW <= HIGH.")
         out.update(range(a, b + 1))
     return sorted(out)
+
+
+def build_dataclass_config(cls: type, kw: dict[str, Any], where: str, hint: str) -> Any:
+    """`cls(**kw)` for a library's dataclass config (TRL's GRPOConfig/SFTConfig, PEFT's LoraConfig): an unknown field
+    or the library's own validation error becomes one line naming `where.field` (`hint` follows an unknown field)."""
+    unknown = sorted(set(kw) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise CrossrouteError(f"{where}.{unknown[0]}: not a field of {cls.__name__} ({hint}).")
+    try:
+        return cls(**kw)
+    except (ValueError, TypeError) as e:
+        raise CrossrouteError(f"{where}: {str(e).splitlines()[0]}") from None

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from crossroute.core.atomic import atomic_dir
+from crossroute.core.config import build_dataclass_config
 from crossroute.core.errors import CrossrouteError
 from crossroute.model.load import load_model, load_tokenizer, save_model
 from crossroute.train.stagelog import check_report_to, quiet, report_to_error, stage_log, tracker_dirs
@@ -102,15 +103,8 @@ def make_grpo_config(kw: dict[str, Any], where: str) -> Any:
     """Build TRL's GRPOConfig, turning its own validation errors into one-line errors naming the stage."""
     from trl import GRPOConfig
 
-    names = {f.name for f in dataclasses.fields(GRPOConfig)}
-    unknown = sorted(set(kw) - names)
-    if unknown:
-        raise CrossrouteError(f"{where}.grpo.{unknown[0]}: not a GRPOConfig field (TRL {trl_version()}); "
-                              "see configs/default_sequence.yaml for the fields crossroute passes through.")
-    try:
-        return GRPOConfig(**kw)
-    except (ValueError, TypeError) as e:
-        raise CrossrouteError(f"{where}.grpo: {str(e).splitlines()[0]}") from None
+    return build_dataclass_config(GRPOConfig, kw, f"{where}.grpo", f"TRL {trl_version()}; see "
+                                  "configs/default_sequence.yaml for the fields crossroute passes through")
 
 
 def trl_version() -> str:
@@ -134,22 +128,13 @@ class StageRun:
 
 def lora_config(peft: dict[str, Any], where: str) -> Any:
     """PEFT's LoraConfig from a stage's `peft:` mapping (task_type CAUSAL_LM), its errors as one line."""
-    import dataclasses as dc
-
     from peft import LoraConfig
 
-    names = {f.name for f in dc.fields(LoraConfig)}
-    unknown = sorted(set(peft) - names)
-    if unknown:
-        raise CrossrouteError(f"{where}.peft.{unknown[0]}: not a LoraConfig field (PEFT); e.g. r, lora_alpha, "
-                              "target_modules, lora_dropout")
     if peft.get("use_dora"):
         raise CrossrouteError(f"{where}.peft.use_dora: DoRA is not supported (crossroute analyses LoRA's scale*B A "
                               "updates); remove it")
-    try:
-        return LoraConfig(**{"task_type": "CAUSAL_LM", **peft})
-    except (ValueError, TypeError) as e:
-        raise CrossrouteError(f"{where}.peft: {str(e).splitlines()[0]}") from None
+    return build_dataclass_config(LoraConfig, {"task_type": "CAUSAL_LM", **peft}, f"{where}.peft",
+                                  "PEFT; e.g. r, lora_alpha, target_modules, lora_dropout")
 
 
 def train_grpo_stage(init: Path, rows: list[dict[str, Any]], reward: Any, args: Any, save_to: Path,

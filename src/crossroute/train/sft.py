@@ -9,7 +9,6 @@ momentum cannot move them either (bit-identical after training; checked before s
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import shutil
 import tempfile
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 
 from crossroute.core.atomic import temp_prefix
+from crossroute.core.config import build_dataclass_config
 from crossroute.core.errors import CrossrouteError
 from crossroute.domains.domain import Domain
 from crossroute.model.load import load_model, save_model
@@ -99,14 +99,7 @@ def make_sft_config(kw: dict[str, Any], where: str) -> Any:
     import trl
     from trl import SFTConfig
 
-    names = {f.name for f in dataclasses.fields(SFTConfig)}
-    unknown = sorted(set(kw) - names)
-    if unknown:
-        raise CrossrouteError(f"{where}.sft.{unknown[0]}: not an SFTConfig field (TRL {trl.__version__}).")
-    try:
-        return SFTConfig(**kw)
-    except (ValueError, TypeError) as e:
-        raise CrossrouteError(f"{where}.sft: {str(e).splitlines()[0]}") from None
+    return build_dataclass_config(SFTConfig, kw, f"{where}.sft", f"TRL {trl.__version__}")
 
 
 def sft_rows(domains: list[Domain], n_per_domain: int, seed: int, eos: str,
