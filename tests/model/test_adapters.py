@@ -315,3 +315,17 @@ def test_refusals_are_one_line(qwen_base: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "e").exists()
     assert not any((tmp_path / "cache").rglob("*.safetensors"))  # nothing merged for any refused adapter
     assert adapters.is_adapter(ok) and not adapters.is_adapter(tmp_path / "missing")
+
+
+def test_routes_damage_and_rollback_take_an_adapter(qwen_base: Path, tmp_path: Path) -> None:
+    """Every analysis resolves an adapter directory to its merged weights (routes, damage, rollback via load_model)."""
+    adapter = make_adapter(qwen_base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=QKV_DOWN)
+    out = tmp_path / "run"
+    assert run_app(["routes", str(adapter), "--domains", "math,qa", "--n", "4", "--out", str(out)]) == 0
+    assert run_app(["damage", "--before", str(qwen_base), "--after", str(adapter), "--domain", "math", "--later",
+                    "qa", "--n", "4", "--k", "2", "--out", str(out)]) == 0
+    damage = json.loads((out / "results" / "damage_math.json").read_text())
+    assert damage["measured"] != 0  # the adapter's update moved the proxy loss
+    assert run_app(["rollback", "--from", str(adapter), "--to", str(qwen_base), "--domain", "math", "--others",
+                    "qa", "--fractions", "50,100", "--eval-n", "4", "--out", str(out)]) == 0
+    assert (out / "results" / "rollback_math.json").exists()
