@@ -59,3 +59,18 @@ def test_a_stage_logs_to_jsonl_and_tensorboard_and_prints_no_dicts(tmp_path: Pat
     tb = _scalars(out / "logs" / "tensorboard" / "01_math")
     assert tb["train/reward"] == pytest.approx({r["step"]: r["reward"] for r in logged}, rel=1e-6)
     assert set(tb) >= {"train/reward", "train/loss", "train/learning_rate"}
+
+
+def test_sft_logs_to_jsonl_and_prints_no_dicts(tmp_path: Path, tiny_ckpt: Path,
+                                               capfd: pytest.CaptureFixture[str]) -> None:
+    from crossroute.domains.builtin import BUILTIN
+    from crossroute.train.sft import sft_train
+
+    stats = sft_train(tiny_ckpt, [BUILTIN["math"]], 3, 1e-3, 4, tmp_path / "sft_3", train_prompts=16,
+                      sft={"logging_steps": 1}, log_dir=tmp_path / "logs")
+    printed = capfd.readouterr()
+    for stream in (printed.out, printed.err):
+        assert "{'loss'" not in stream and "'train_runtime'" not in stream
+    assert "SFT sft_3" in printed.err
+    rows = [json.loads(line) for line in (tmp_path / "logs" / "sft_3.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in rows if "loss" in r] == [h["loss"] for h in stats["log"]]
