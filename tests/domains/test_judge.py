@@ -78,14 +78,14 @@ def stub() -> Iterator[Stub]:
                     status, headers, body = state.default(req)
             time.sleep(state.delay)
             data = body.encode()
+            with state.lock:  # answered from here on: the client may send its next request as soon as it reads this,
+                state.in_flight -= 1  # before this thread runs again on a loaded machine
             self.send_response(status)
             for k, v in headers.items():
                 self.send_header(k, v)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
-            with state.lock:
-                state.in_flight -= 1
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
