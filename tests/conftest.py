@@ -25,3 +25,20 @@ def make_tiny(path: Path, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny(tmp_path_factory.mktemp("tiny") / "ckpt")
+
+
+def assert_close(a: object, b: object, rel: float = 1e-5, abs_: float = 1e-12, where: str = "") -> None:
+    """Recursive equality of JSON-like results, with a relative tolerance on floats (the path of a mismatch in the
+    message)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_close(a[k], b[k], rel, abs_, f"{where}.{k}")
+    elif isinstance(a, list) and isinstance(b, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_close(x, y, rel, abs_, f"{where}[{i}]")
+    elif isinstance(a, float) and isinstance(b, int | float) and not isinstance(b, bool):
+        assert a == pytest.approx(b, rel=rel, abs=abs_), where
+    else:
+        assert a == b, where

@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
+from conftest import assert_close
 from crossroute.analyze import diff as diff_mod
 from crossroute.analyze.diff import diff_checkpoints, diff_sequence, jaccard, write_diff_results
 from crossroute.core.errors import CrossrouteError
@@ -178,20 +179,8 @@ def test_sharded_chunked_and_split_equal_unsharded(ckpts: dict[str, Path], monke
         _assert_close(js, ref)
 
 
-def _assert_close(a: object, b: object, where: str = "") -> None:
-    """Recursive equality with a relative tolerance on floats."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _assert_close(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, list) and isinstance(b, list):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_close(x, y, f"{where}[{i}]")
-    elif isinstance(a, float) and not isinstance(b, bool):
-        assert a == pytest.approx(b, rel=1e-5, abs=1e-12), where
-    else:
-        assert a == b, where
+def _assert_close(a: object, b: object) -> None:
+    assert_close(a, b, rel=1e-5, abs_=1e-12)
 
 
 def test_bf16_thresholds_below_resolution(tmp_path: Path) -> None:

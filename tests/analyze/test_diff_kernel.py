@@ -26,6 +26,7 @@ from transformers import (
     Qwen3MoeForCausalLM,
 )
 
+from conftest import assert_close
 from crossroute.analyze import diff as diff_mod
 from crossroute.analyze import diff_kernel
 from crossroute.analyze.diff import THRESHOLDS, diff_checkpoints
@@ -181,19 +182,8 @@ def test_diff_json_numba_equals_torch(tmp_path: Path, dtype: str) -> None:
     assert [t["below_fraction"] for t in a["tensors"]] == [t["below_fraction"] for t in b["tensors"]]
 
 
-def _assert_close(a: object, b: object, where: str = "") -> None:
-    if isinstance(a, dict) and isinstance(b, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _assert_close(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, list) and isinstance(b, list):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_close(x, y, f"{where}[{i}]")
-    elif isinstance(a, float) and isinstance(b, float):
-        assert a == pytest.approx(b, rel=1e-4, abs=1e-15), where
-    else:
-        assert a == b, where
+def _assert_close(a: object, b: object) -> None:
+    assert_close(a, b, rel=1e-4, abs_=1e-15)
 
 
 # ----------------------------------------------------------------------------- property test on random blocks
