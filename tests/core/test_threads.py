@@ -13,16 +13,16 @@ import pytest
 
 from conftest import make_tiny
 from crossroute.core.errors import CrossrouteError
-from crossroute.core.threads import WAIT_POLICY, decide, threads_for
+from crossroute.core.threads import WAIT_POLICY, decide
 
 BASE_ENV = {k: v for k, v in os.environ.items()
             if k not in ("OMP_NUM_THREADS", "CROSSROUTE_THREADS", "OMP_WAIT_POLICY", "LOCAL_WORLD_SIZE")}
 
 
 def test_cores_are_shared_by_the_local_processes() -> None:
-    assert threads_for(None, local_world=1, cores=16, env={}) == 16
-    assert threads_for(None, local_world=4, cores=16, env={}) == 4
-    assert threads_for(None, local_world=8, cores=2, env={}) == 1
+    assert decide(None, local_world=1, cores=16, env={}).threads == 16
+    assert decide(None, local_world=4, cores=16, env={}).threads == 4
+    assert decide(None, local_world=8, cores=2, env={}).threads == 1
     assert decide(None, cores=12, env={"LOCAL_WORLD_SIZE": "3"}).threads == 4
 
 

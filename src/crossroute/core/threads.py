@@ -64,16 +64,10 @@ def _positive(env: Mapping[str, str], name: str) -> int | None:
     return value
 
 
-def threads_for(requested: int | None, local_world: int | None = None, cores: int | None = None,
-                env: Mapping[str, str] | None = None) -> int:
-    """The thread count to use: `requested`, else CROSSROUTE_THREADS, else OMP_NUM_THREADS, else the cores shared
-    evenly by the local processes of a distributed launch."""
-    return decide(requested, local_world, cores, env).threads
-
-
 def decide(requested: int | None = None, local_world: int | None = None, cores: int | None = None,
            env: Mapping[str, str] | None = None) -> ThreadPolicy:
-    """The policy for `requested` threads (None: from the environment and the machine); sets nothing."""
+    """The policy for `requested` threads (None: CROSSROUTE_THREADS, else OMP_NUM_THREADS, else the cores shared
+    evenly by the local processes of a distributed launch); sets nothing."""
     env = os.environ if env is None else env
     world = local_world if local_world is not None else (_positive(env, "LOCAL_WORLD_SIZE") or 1)
     n_cores = cores if cores is not None else available_cores()

@@ -27,7 +27,7 @@ from crossroute.domains.builtin import DEFAULT_DOMAINS
 from crossroute.domains.files import get_domain
 from crossroute.experiments.sequence import StageConfig, TrainConfig, run_training
 from crossroute.measure.evaluate import EVAL_SEED, evaluate_all, evaluate_domain
-from crossroute.measure.kl import KL_DEFINITION, kl_to_base
+from crossroute.measure.kl import KL_DEFINITION, kl_to_base, zero_kl
 from crossroute.model.load import load_model, resolve_model_path
 from crossroute.train.sft import sft_train
 
@@ -127,7 +127,7 @@ def run_rl_vs_sft(
     dom = get_domain(domain)
     base_loaded = load_model(base_path)
     prompt_ids = [dom.prompt_ids(e, base_loaded.tokenizer) for e in dom.examples("eval", kl_n, seed=EVAL_SEED)]
-    zero = {"kl_token": 0.0, "kl_seq": 0.0, "kl_seq_ci": [0.0, 0.0], "n_prompts": len(prompt_ids), "n_tokens": None}
+    zero = zero_kl(len(prompt_ids))
     kl = {"base": {**zero, "reverse": dict(zero)}}
     for name, path in (("rl", rl_ckpt), ("sft", sft_ckpt)):
         m = load_model(path)

@@ -38,7 +38,7 @@ from crossroute.measure.evaluate import EvalProtocol, evaluate_checkpoint, score
 from crossroute.measure.kl import KL_DEFINITION, stage_kl
 from crossroute.measure.rescore import read_records
 from crossroute.measure.stats import across_seeds
-from crossroute.model.load import check_checkpoint_dir, load_model, load_tokenizer, resolve_model_path
+from crossroute.model.load import Loaded, check_checkpoint_dir, load_model, load_tokenizer, resolve_model_path
 from crossroute.repair.protect import ProtectConfig, protect_callback
 from crossroute.train.grpo import (
     grpo_kwargs,
@@ -481,6 +481,7 @@ def _run_one(cfg: TrainConfig, out: str | Path) -> dict[str, Any]:
     stages = cfg.stages + ([cfg.refresh] if cfg.refresh else [])
     evals = [_evaluate_checkpoint(run, "base", base, cfg, domains)]
     kls: dict[str, dict[str, Any] | None] = {}
+    held: dict[Path, Loaded] = {}  # the last stage's model, kept for the next stage's KL
     prev = base
     last_seq = run.checkpoint(names[len(cfg.stages) - 1])
     for i, (name, st) in enumerate(zip(names, stages, strict=True)):
@@ -493,7 +494,7 @@ def _run_one(cfg: TrainConfig, out: str | Path) -> dict[str, Any]:
                       f"{' + '.join(st.mixture)})")
             _run_stage(cfg, st, name, init, run, [by_name[d] for d in st.mixture])
         evals.append(_evaluate_checkpoint(run, name, ckpt, cfg, domains))
-        kls[name] = _stage_kl(run, name, ckpt, base, init, cfg, domains)
+        kls[name] = _stage_kl(run, name, ckpt, base, init, cfg, domains, held)
         prev = ckpt
     rows = ["base"] + names
     matrix = [[e["scores"][d] for d in cfg.domain_names] for e in evals]
@@ -537,21 +538,26 @@ def _mixed_beside(cfg: TrainConfig, run: RunDir, domains: list[Domain], seq_row:
 
 
 def _stage_kl(run: RunDir, name: str, ckpt: Path, base: Path, init: Path, cfg: TrainConfig,
-              domains: list[Domain]) -> dict[str, Any] | None:
+              domains: list[Domain], held: dict[Path, Loaded]) -> dict[str, Any] | None:
     """Forward KL(base || stage) and KL(init || stage) on each domain's first kl_n eval prompts, once (main process;
-    the others wait and read kl_<name>.json); None when kl_n is 0."""
+    the others wait and read kl_<name>.json); None when kl_n is 0. `held` keeps the stage's model for the next
+    stage, whose init it is (one load fewer per stage; at most two models in memory)."""
     if not cfg.kl_n:
         return None
     state = _dist_state(cfg)
     if state.is_main_process and run.read_result(f"kl_{name}") is None:
+        prev = held.pop(init.resolve(), None)
+        held.clear()
         model = load_model(ckpt)
-        ref = load_model(base)
-        to_base = stage_kl(ref.model, model.model, model.tokenizer, domains, cfg.kl_n, cfg.seed)
-        if init.resolve() != base.resolve():
-            ref = load_model(init)
-            to_prev = stage_kl(ref.model, model.model, model.tokenizer, domains, cfg.kl_n, cfg.seed)
-        else:
-            to_prev = to_base
+
+        def kl_from(ref: Path, loaded: Loaded | None = None) -> dict[str, Any]:
+            ref_model = (loaded or load_model(ref)).model
+            return stage_kl(ref_model, model.model, model.tokenizer, domains, cfg.kl_n, cfg.seed)
+
+        to_prev = kl_from(init, prev)
+        del prev
+        to_base = to_prev if init.resolve() == base.resolve() else kl_from(base)
+        held[ckpt.resolve()] = model
         run.write_result(f"kl_{name}", {"stage": name, "previous": str(init), "definition": KL_DEFINITION,
                                         "to_base": to_base, "to_previous": to_prev})
     _wait_for_main(state, f"measure the KL of {name}")

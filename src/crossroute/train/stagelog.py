@@ -23,17 +23,16 @@ TRACKERS: dict[str, tuple[str, ...]] = {
     "mlflow": ("mlflow",), "comet_ml": ("comet_ml",), "clearml": ("clearml",), "aim": ("aim",),
     "swanlab": ("swanlab",), "dvclive": ("dvclive",),
 }
-# Log keys shown on the progress line, first present wins per column.
-REWARD_KEYS, KL_KEYS, LOSS_KEYS = ("reward",), ("kl",), ("loss",)
+SHOWN = ("reward", "kl", "loss")  # TRL log keys shown on the progress line
 
 
 def check_report_to(value: Any, where: str) -> list[str]:
     """`report_to` as a list of installed trackers ([] for none); an unknown or missing tracker is refused."""
     names = [value] if isinstance(value, str) else list(value or [])
-    if names in (["none"], ["all"]):
-        if names == ["all"]:
-            raise CrossrouteError(f"{where}.report_to: 'all' would report to every tracker installed; name them, "
-                                  f"e.g. [tensorboard] (one of {', '.join(TRACKERS)})")
+    if names == ["all"]:
+        raise CrossrouteError(f"{where}.report_to: 'all' would report to every tracker installed; name them, "
+                              f"e.g. [tensorboard] (one of {', '.join(TRACKERS)})")
+    if names == ["none"]:
         return []
     for name in names:
         if name not in TRACKERS:
@@ -56,12 +55,8 @@ def report_to_error(given: dict[str, Any], where: str) -> str | None:
     return None
 
 
-def _first(logs: dict[str, Any], keys: tuple[str, ...]) -> float | None:
-    for k in keys:
-        v = logs.get(k)
-        if isinstance(v, int | float) and math.isfinite(v):
-            return float(v)
-    return None
+def _number(v: Any) -> float | None:
+    return float(v) if isinstance(v, int | float) and math.isfinite(v) else None
 
 
 def _callback_class() -> type:
@@ -106,8 +101,8 @@ def _callback_class() -> type:
                        **{k: _json_value(v) for k, v in logs.items()}}
                 self._file.write(json.dumps(row, default=str, allow_nan=False) + "\n")
                 self._file.flush()
-            for col, keys in (("reward", REWARD_KEYS), ("kl", KL_KEYS), ("loss", LOSS_KEYS)):
-                v = _first(logs, keys)
+            for col in SHOWN:
+                v = _number(logs.get(col))
                 if v is not None:
                     self.fields[col] = f"{col} {v:.3g}"
             if self._bar is not None:
