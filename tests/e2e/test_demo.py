@@ -79,3 +79,29 @@ def test_preset_demo_end_to_end_and_resume(tmp_path: Path) -> None:
     base_mtime = (out / "checkpoints" / "base" / "model.safetensors").stat().st_mtime_ns
     run_demo(out, preset=preset)  # resumes: nothing is retrained
     assert (out / "checkpoints" / "base" / "model.safetensors").stat().st_mtime_ns == base_mtime
+
+
+def test_multi_seed_demo_runs_on_a_pool_aggregates_and_resumes(tmp_path: Path) -> None:
+    preset = _tiny_preset(tmp_path)
+    out = tmp_path / "run"
+    report = run_demo(out, preset=preset, seeds=[0, 1], workers=2)
+    demo = json.loads((out / "results" / "demo.json").read_text())
+    assert demo["seeds"] == [0, 1] and demo["workers"] == 2
+    assert sorted((c["seed"], c["part"]) for c in demo["costs"]) == [
+        (s, p) for s in (0, 1) for p in ("diagnosis", "repair", "sequence")]
+    per = [json.loads((out / "seeds" / str(k) / "results" / "forgetting.json").read_text()) for k in (0, 1)]
+    agg = json.loads((out / "results" / "forgetting.json").read_text())["seeds"]["aggregate"]
+    assert agg["forgetting:math"]["values"] == [p["paired"]["forgetting"]["math"]["value"] for p in per]
+    sets = [sorted((out / "seeds" / str(k) / "eval_sets").glob("*.jsonl")) for k in (0, 1)]
+    assert [p.read_bytes() for p in sets[0]] == [p.read_bytes() for p in sets[1]]  # the same prompts in every seed
+    for k in (0, 1):  # each seed's run trains with its seed (the tiny model's rewards are all 0: no update to see)
+        assert yaml.safe_load((out / "seeds" / str(k) / "run.yaml").read_text())["seed"] == k
+    measured = [r for r in demo["summary"] if r["verdict"] != "not measured in this run"]
+    assert measured and all("across 2 seeds" in e["how"] and len(e["per_seed"]) == 2
+                            for r in measured for e in r["estimates"])
+    page = report.read_text()
+    assert "Across training seeds" in page and (out / "seeds" / "0" / "report.html").exists()
+    assert (out / "logs" / "seed1_repair.log").exists()
+    mtime = (out / "seeds" / "1" / "checkpoints" / "02_code" / "model.safetensors").stat().st_mtime_ns
+    run_demo(out, preset=preset, seeds=[0, 1], workers=2)  # resumes: nothing is retrained
+    assert (out / "seeds" / "1" / "checkpoints" / "02_code" / "model.safetensors").stat().st_mtime_ns == mtime

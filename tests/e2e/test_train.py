@@ -367,3 +367,27 @@ def test_every_stage_records_its_kl_and_forgetting_is_fitted_against_it(tmp_path
     page = build_report(tmp_path / "run").read_text()
     assert "Forgetting against KL (RL&#x27;s Razor)" in page or "Forgetting against KL (RL's Razor)" in page
     assert "<th>KL new task</th>" in page and "<td>on the new task</td>" in page
+
+
+def test_a_shared_prefix_is_reused_and_equals_retraining_it(tmp_path: Path, tiny_ckpt: Path) -> None:
+    """reuse_prefix links the stages two configs share; resuming after them gives what training all of it gives."""
+    from safetensors.torch import load_file
+
+    plain = parse_train_config({**tiny_config(tiny_ckpt), "refresh": None})
+    other_raw = {**tiny_config(tiny_ckpt), "refresh": None}
+    other_raw["stages"] = [other_raw["stages"][0], {"domain": "qa", "steps": 3}]  # stage 2 differs
+    other = parse_train_config(other_raw)
+    assert train.shared_prefix(plain, other) == 1
+    assert train.shared_prefix(plain, plain.model_copy(update={"seed": 1})) == 0  # another seed shares nothing
+    run_training(plain, tmp_path / "plain")
+    assert train.reuse_prefix(tmp_path / "plain", plain, other, tmp_path / "reused") == ["01_math"]
+    reused = run_training(other, tmp_path / "reused")
+    fresh = run_training(other, tmp_path / "fresh")
+    assert reused["matrix"] == fresh["matrix"] and reused["paired"] == fresh["paired"]
+    for name in ("01_math", "02_qa"):
+        a = load_file(tmp_path / "reused" / "checkpoints" / name / "model.safetensors")
+        b = load_file(tmp_path / "fresh" / "checkpoints" / name / "model.safetensors")
+        assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a), name
+    src = tmp_path / "plain" / "checkpoints" / "01_math" / "model.safetensors"
+    assert (tmp_path / "reused" / "checkpoints" / "01_math" / "model.safetensors").stat().st_ino == src.stat().st_ino
+    assert train.reuse_prefix(tmp_path / "plain", plain, other, tmp_path / "reused") == []  # already there

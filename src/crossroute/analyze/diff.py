@@ -8,6 +8,11 @@ to the size of both checkpoints). Memory is a few fixed buffers per worker threa
 Each block is reduced by a numba kernel (crossroute.analyze.diff_kernel: no GIL, one pass, exact counts) or,
 with kernel="torch", by the torch reference path below, which the tests hold the kernel to.
 
+With `storage` (a dtype name: "bfloat16", "float16", "float32") every floating-point block of both checkpoints is
+rounded to that dtype (round-to-nearest-even, as `Tensor.to`) and back before δ is taken: the anatomy the same
+update would have had stored in that dtype (fp32 training stored as bf16 rounds small updates to exactly 0). The
+cast is done by torch on each block, into a reusable buffer, before either kernel reduces it.
+
 Units (neurons, heads, KV groups, MoE routers and experts) and module types come from the unit table
 (crossroute.model.units) built from config.json and the safetensors header: per tensor, δ² is summed per
 position along its unit axis while streaming, then mapped to units. An architecture the table does not know
@@ -91,6 +96,9 @@ OUTSIDE_LAYER_TYPES: tuple[tuple[str, str], ...] = (
 PIECE_ELEMS = 1 << 23  # entries per unit of work given to a worker thread (8 blocks)
 NUMBA_BLOCK = 1 << 19  # entries per read of the numba path (1 MiB of bf16 per checkpoint): few calls into Python
 _MEDIAN_SAMPLES = 1 << 16
+# `storage` names diff_checkpoints accepts: each floating-point tensor is diffed as it would be stored in that dtype
+STORAGE_DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16,
+                                          "float32": torch.float32}
 PREFETCH_BYTES = 256 << 20  # per checkpoint, requested ahead of the tensors being diffed
 PREFETCH_CHUNK = 16 << 20  # bytes per readahead request
 
@@ -167,6 +175,8 @@ class UpdateAnatomy:
     kernel: str = DEFAULT_KERNEL  # block kernel of bf16/fp16/fp32 tensors, "numba" or "torch" (others: torch)
     kernel_warning: str | None = None  # why numba was asked for but torch ran
     adapter: dict[str, Any] | None = None  # ckpt is a LoRA adapter: its r, alpha and each update's effective rank
+    storage: str | None = None  # the dtype both checkpoints were cast to before δ (None: diffed as stored)
+    stored_entries: dict[str, int] = field(default_factory=dict)  # entries per dtype ckpt is stored in on disk
 
     @property
     def warning(self) -> str | None:
@@ -214,8 +224,9 @@ class UpdateAnatomy:
         delta_sq = sum(t.delta_sq for t in self.tensors)
         base_sq = sum(t.base_sq for t in self.tensors)
         out: dict[str, Any] = {
+            "storage": self.storage, "stored_dtype": _dominant(self.stored_entries),
             "base": self.base, "ckpt": self.ckpt, "numel": self.numel,
-            "dtype": max(dtypes, key=dtypes.__getitem__) if dtypes else None,
+            "dtype": _dominant(dtypes),
             "dtype_entries": dtypes, "thresholds": list(self.thresholds),
             "below_fraction": self.below_fraction(),
             "below_resolution_share": share,
@@ -246,7 +257,12 @@ class SequenceDiff:
         return [Path(c).name for c in self.checkpoints[1:]]
 
     def to_json(self, include_unit_scores: bool = True) -> dict[str, Any]:
-        return {"checkpoints": self.checkpoints, "stage_names": self.stage_names,
+        stored: dict[str, int] = {}
+        for s in self.stages:
+            for dtype, n in s.stored_entries.items():
+                stored[dtype] = stored.get(dtype, 0) + n
+        return {"storage": self.stages[0].storage if self.stages else None, "stored_dtype": _dominant(stored),
+                "checkpoints": self.checkpoints, "stage_names": self.stage_names,
                 "stages": [s.to_json(include_unit_scores) for s in self.stages],
                 "jaccard": self.jaccard}
 
@@ -260,6 +276,21 @@ def check_finite_delta(name: str, a: TensorInfo, b: TensorInfo, base_sq: float, 
     if not math.isfinite(delta_sq):
         raise CrossrouteError(f"{b.file}: tensor '{name}' holds NaN or inf values (or its update overflows fp32); "
                               "diff needs finite weights: use a checkpoint from before the divergence")
+
+
+def _dominant(entries: Mapping[str, int]) -> str | None:
+    """The dtype holding the most entries (the first of a tie), None when there are none."""
+    return max(entries, key=entries.__getitem__) if entries else None
+
+
+def resolve_storage(storage: str | None) -> torch.dtype | None:
+    """The torch dtype of a `storage` name (STORAGE_DTYPES), None for None (diff as stored)."""
+    if storage is None:
+        return None
+    if storage not in STORAGE_DTYPES:
+        raise CrossrouteError(f"unknown storage dtype {storage!r} to diff as (--as-dtype); use one of "
+                              f"{', '.join(STORAGE_DTYPES)}")
+    return STORAGE_DTYPES[storage]
 
 
 def _ratio(num_sq: float, den_sq: float) -> float | None:
@@ -454,7 +485,7 @@ class _Binner:
 class _Scratch:
     """Per-worker reusable buffers, so streaming allocates nothing per block."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, storage: torch.dtype | None = None) -> None:
         self.raw_a = bytearray(n * 8)
         self.raw_b = bytearray(n * 8)
         self.base = torch.empty(n, dtype=torch.float32)
@@ -463,6 +494,9 @@ class _Scratch:
         self.key = torch.empty(n, dtype=torch.int32)
         self.ones = torch.ones(n, dtype=torch.float32)
         self.ones64 = torch.ones(n, dtype=torch.int64)
+        # blocks of both checkpoints rounded to the storage dtype asked for (diff_checkpoints(storage=...))
+        self.cast_a = torch.empty(n if storage else 0, dtype=storage or torch.float32)
+        self.cast_b = torch.empty(n if storage else 0, dtype=storage or torch.float32)
 
 
 @dataclass
@@ -498,9 +532,9 @@ class _TensorResult:
 class _Streamer:
     """Diffs tensors of two open checkpoints; `run_piece` is safe to call from worker threads."""
 
-    def __init__(self, a: Checkpoint, b: Checkpoint, umap: UnitMap,
-                 thresholds: tuple[float, ...], chunk: int, kernel: str = DEFAULT_KERNEL) -> None:
-        self.a, self.b, self.umap, self.chunk, self.kernel = a, b, umap, chunk, kernel
+    def __init__(self, a: Checkpoint, b: Checkpoint, umap: UnitMap, thresholds: tuple[float, ...], chunk: int,
+                 kernel: str = DEFAULT_KERNEL, storage: torch.dtype | None = None) -> None:
+        self.a, self.b, self.umap, self.chunk, self.kernel, self.storage = a, b, umap, chunk, kernel, storage
         self.plans = {n: _pos_plan(umap, n) for n in a.tensors}
         self.thresholds = thresholds
         self.binner = _Binner(thresholds)
@@ -532,8 +566,23 @@ class _Streamer:
     def _scratch(self) -> _Scratch:
         s = getattr(self._local, "scratch", None)
         if s is None:
-            s = self._local.scratch = _Scratch(self.block_elems)
+            s = self._local.scratch = _Scratch(self.block_elems, self.storage)
         return s
+
+    def diffed_dtype(self, info: TensorInfo) -> torch.dtype:
+        """The dtype a tensor's entries are diffed in: the storage dtype asked for (floating-point tensors, as
+        `model.to(dtype)` casts them), else its own."""
+        return self.storage if self.storage is not None and info.dtype.is_floating_point else info.dtype
+
+    def _cast(self, info: TensorInfo, x: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+        """A block `x` of a tensor rounded to its diffed dtype (round-to-nearest-even, as Tensor.to) in `buf`;
+        `x` itself when it is stored in that dtype already (the cast would change nothing)."""
+        dtype = self.diffed_dtype(info)
+        if dtype == info.dtype or not x.numel():
+            return x
+        out = buf[: x.numel()]
+        out.copy_(x)
+        return out
 
     def _read(self, info: TensorInfo, buf: bytearray, r0: int, r1: int) -> torch.Tensor:
         row = math.prod(info.shape[1:]) if info.shape else 1
@@ -542,11 +591,16 @@ class _Streamer:
         view = pread_into(self.fds[info.file], buf, n * size, info.start + r0 * row * size)
         return torch.frombuffer(view, dtype=info.dtype, count=n) if n else torch.empty(0)
 
-    def _read_flat(self, info: TensorInfo, buf: bytearray, f0: int, f1: int) -> np.ndarray:
-        """Entries [f0, f1) of the flattened tensor, raw, as the numba kernel decodes them."""
+    def _read_flat(self, info: TensorInfo, buf: bytearray, f0: int, f1: int, cast: torch.Tensor) -> np.ndarray:
+        """Entries [f0, f1) of the flattened tensor, raw, as the numba kernel decodes them (rounded to the
+        storage dtype asked for in `cast` first: the kernel then decodes that dtype)."""
         size = info.dtype.itemsize
         view = pread_into(self.fds[info.file], buf, (f1 - f0) * size, info.start + f0 * size)
-        return storage_view(view, info.dtype, f1 - f0)
+        dtype = self.diffed_dtype(info)
+        if dtype == info.dtype or f1 == f0:
+            return storage_view(view, info.dtype, f1 - f0)
+        x = self._cast(info, torch.frombuffer(view, dtype=info.dtype, count=f1 - f0), cast)
+        return x.view(torch.uint8).numpy()
 
     def pieces(self, name: str) -> list[tuple[int, int]]:
         """Row ranges of about PIECE_ELEMS entries: the units of work spread over worker threads, so one
@@ -556,9 +610,10 @@ class _Streamer:
     def run_piece(self, name: str, r0: int, r1: int) -> _Partial:
         """Stream rows [r0, r1) of one tensor block by block; its share of the tensor's statistics.
 
-        The numba kernel takes bf16/fp16/fp32 storage; any other dtype (fp64, fp8, ints) runs the torch path."""
+        The numba kernel takes bf16/fp16/fp32 (as stored or cast to); any other dtype (fp64, fp8, ints) runs the
+        torch path."""
         ia, ib = self.a.tensors[name], self.b.tensors[name]
-        if self.kernel == "numba" and ia.dtype in STORAGE_CODES and ib.dtype in STORAGE_CODES:
+        if self.kernel == "numba" and self.diffed_dtype(ia) in STORAGE_CODES and self.diffed_dtype(ib) in STORAGE_CODES:
             return self.run_piece_numba(name, r0, r1)
         return self.run_piece_torch(name, r0, r1)
 
@@ -574,21 +629,22 @@ class _Streamer:
         pos_sq = torch.zeros(plan.n_pos, dtype=torch.float64) if plan else None
         stride = max(1, math.prod(shape) // _MEDIAN_SAMPLES)
         stats = PieceStats(self.binner.thr, (r1 - r0) * row, stride, pos_sq)
-        ca, cb = STORAGE_CODES[ia.dtype], STORAGE_CODES[ib.dtype]
+        ca, cb = STORAGE_CODES[self.diffed_dtype(ia)], STORAGE_CODES[self.diffed_dtype(ib)]
         if mode == POS_DELTA:
             delta = s.delta.numpy()
             for b0, b1 in row_blocks([r1 - r0, *shape[1:]] if shape else [], self.chunk):
                 q0, q1 = r0 + b0, r0 + b1
-                stats.block(self._read_flat(ia, s.raw_a, q0 * row, q1 * row), ca,
-                            self._read_flat(ib, s.raw_b, q0 * row, q1 * row), cb, q0 * row, prow, mode, delta)
+                stats.block(self._read_flat(ia, s.raw_a, q0 * row, q1 * row, s.cast_a), ca,
+                            self._read_flat(ib, s.raw_b, q0 * row, q1 * row, s.cast_b), cb, q0 * row, prow, mode,
+                            delta)
                 if pos_sq is not None and plan is not None:  # |δ| in place of δ: the same squares
                     self._pos_block(plan, shape, s.delta[:(q1 - q0) * row], s, pos_sq, q0, q1)
         else:
             step = max(1, min(self.chunk, NUMBA_BLOCK))
             for f0 in range(r0 * row, r1 * row, step):
                 f1 = min(r1 * row, f0 + step)
-                stats.block(self._read_flat(ia, s.raw_a, f0, f1), ca, self._read_flat(ib, s.raw_b, f0, f1), cb,
-                            f0, prow, mode)
+                stats.block(self._read_flat(ia, s.raw_a, f0, f1, s.cast_a), ca,
+                            self._read_flat(ib, s.raw_b, f0, f1, s.cast_b), cb, f0, prow, mode)
         return _Partial(key_counts=stats.key_counts(), fixes=stats.fixes(), pos_sq=pos_sq, base_sq=stats.base_sq,
                         delta_sq=stats.delta_sq, max_abs=stats.max_abs, samples=[stats.sample_tensor()])
 
@@ -607,8 +663,8 @@ class _Streamer:
             q0, q1 = r0 + b0, r0 + b1
             n = (q1 - q0) * row
             base, delta = s.base[:n], s.delta[:n]
-            base.copy_(self._read(ia, s.raw_a, q0, q1))
-            delta.copy_(self._read(ib, s.raw_b, q0, q1))
+            base.copy_(self._cast(ia, self._read(ia, s.raw_a, q0, q1), s.cast_a))
+            delta.copy_(self._cast(ib, self._read(ib, s.raw_b, q0, q1), s.cast_b))
             delta.sub_(base)
             part.base_sq += float(torch.dot(base, base))
             part.delta_sq += float(torch.dot(delta, delta))
@@ -626,11 +682,17 @@ class _Streamer:
         first = parts[0]
         for p in parts[1:]:
             first.merge(p)
+        dtype = self.diffed_dtype(ib)
+        if dtype != ib.dtype and not math.isfinite(first.base_sq + first.delta_sq):
+            where = ib.file if math.isfinite(first.base_sq) else self.a.tensors[name].file
+            raise CrossrouteError(f"{where}: tensor '{name}' holds NaN or inf values as {_dtype_name(dtype)} "
+                                  f"(entries beyond ±{torch.finfo(dtype).max:g} overflow it); diff it as stored "
+                                  "(no --as-dtype) or as bfloat16")
         check_finite_delta(name, self.a.tensors[name], ib, first.base_sq, first.delta_sq)
         sample = torch.cat(first.samples)
-        eps = torch.finfo(ib.dtype).eps if ib.dtype.is_floating_point else 1.0
+        eps = torch.finfo(dtype).eps if dtype.is_floating_point else 1.0
         stats = TensorStats(
-            name=name, shape=list(ib.shape), dtype=str(ib.dtype).removeprefix("torch."),
+            name=name, shape=list(ib.shape), dtype=_dtype_name(dtype),
             module_type=module_type(self.umap, name), numel=math.prod(ib.shape),
             below=self.binner.below(first.key_counts, first.fixes), zero=int(first.key_counts[0]),
             delta_sq=first.delta_sq, base_sq=first.base_sq, max_abs=first.max_abs,
@@ -670,6 +732,10 @@ class _Streamer:
             grid[:, r0:r1] += per
         else:
             grid += per
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 class _Prefetcher:
@@ -757,6 +823,7 @@ def diff_checkpoints(
     chunk_elems: int = CHUNK_ELEMS,
     workers: int | None = None,
     kernel: str = DEFAULT_KERNEL,
+    storage: str | None = None,
 ) -> UpdateAnatomy:
     """Stream δ = ckpt − base (fp32) tensor by tensor and return its anatomy (DESIGN.md §2.2).
 
@@ -764,11 +831,14 @@ def diff_checkpoints(
     τ < ½·eps(storage dtype of ckpt)·median|θ_base| (median over ≤65 536 evenly strided entries):
     an update that small to an entry of typical size is rounded away when stored.
     `kernel`: "numba" (default; torch with a recorded warning where numba is missing) or "torch".
+    `storage`: a STORAGE_DTYPES name: every floating-point block of both checkpoints is rounded to it (and back to
+    fp32) before δ is taken, so every statistic, each tensor's `dtype` and the resolution are of that dtype.
     """
     thresholds = tuple(float(t) for t in thresholds)
     if not all(0 < t < math.inf for t in thresholds):
         raise CrossrouteError(f"diff thresholds must be positive finite numbers, got {list(thresholds)}; "
                               "pass thresholds such as 1e-9 1e-8 1e-7 1e-6 1e-5")
+    cast = resolve_storage(storage)
     kernel, kernel_warning = resolve_kernel(kernel)
     if kernel_warning and kernel_warning not in _PRINTED:
         _PRINTED.add(kernel_warning)
@@ -783,7 +853,7 @@ def diff_checkpoints(
     hist = [0] * (HIST_BINS + 3)
     kinds = [k for k in umap.kinds if k != "expert"]  # partition kinds; "expert" aggregates router + neurons
     unit_acc = {k: [torch.zeros(n, dtype=torch.float64) for n in umap.counts[k]] for k in kinds}
-    with (_Streamer(a, b, umap, thresholds, chunk_elems, kernel) as streamer, contextlib.ExitStack() as stack,
+    with (_Streamer(a, b, umap, thresholds, chunk_elems, kernel, cast) as streamer, contextlib.ExitStack() as stack,
           _single_threaded_torch(), ThreadPoolExecutor(n_workers) as pool,
           _progress(progress, len(names), b.root) as tick):
 
@@ -822,7 +892,16 @@ def diff_checkpoints(
         base=str(base), ckpt=str(ckpt), thresholds=thresholds, top_k_percent=top_k_percent,
         tensors=tensors, unit_scores=scores, top_units=_top_units(scores, top_k_percent),
         histogram=streamer.binner.to_histogram(hist), layout=head_layout_json(umap), units=umap.to_json(),
-        kernel=kernel, kernel_warning=kernel_warning, adapter=adapter)
+        kernel=kernel, kernel_warning=kernel_warning, adapter=adapter, storage=storage,
+        stored_entries=_stored_entries(b))
+
+
+def _stored_entries(ckpt: Checkpoint) -> dict[str, int]:
+    """Entries per dtype the checkpoint's tensors are stored in on disk."""
+    out: dict[str, int] = {}
+    for info in ckpt.tensors.values():
+        out[_dtype_name(info.dtype)] = out.get(_dtype_name(info.dtype), 0) + math.prod(info.shape)
+    return out
 
 
 @contextlib.contextmanager
@@ -843,12 +922,15 @@ def diff_sequence(
     thresholds: Sequence[float] = THRESHOLDS,
     progress: bool = False,
     kernel: str = DEFAULT_KERNEL,
+    storage: str | None = None,
 ) -> SequenceDiff:
-    """Diff every checkpoint against its predecessor; Jaccard of top-k unit sets across stages."""
+    """Diff every checkpoint against its predecessor (each cast to `storage` first, see diff_checkpoints); Jaccard
+    of top-k unit sets across stages."""
+    resolve_storage(storage)  # a bad name fails before the first stage is streamed
     if len(checkpoints) < 2:
         raise CrossrouteError(f"diff needs at least two checkpoints, got {len(checkpoints)}; "
                               "pass the base checkpoint followed by one per stage")
-    stages = [diff_checkpoints(prev, cur, top_k_percent, thresholds, progress, kernel=kernel)
+    stages = [diff_checkpoints(prev, cur, top_k_percent, thresholds, progress, kernel=kernel, storage=storage)
               for prev, cur in zip(checkpoints[:-1], checkpoints[1:], strict=True)]
     sets = [s.top_sets() for s in stages]
     kinds = [k for k in UNIT_KINDS if any(k in s.unit_scores for s in stages)]

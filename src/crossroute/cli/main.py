@@ -368,19 +368,24 @@ def diff(
     base: Annotated[str | None, typer.Option(help="with a trajectory folder: the checkpoint before its first step "
                                              "(or 'default')")] = None,
     kernel: Annotated[str, typer.Option(help="block kernel: numba (default) or torch (the reference path)")] = "numba",
+    as_dtype: Annotated[str | None, typer.Option("--as-dtype", help="diff both checkpoints as they would be stored "
+                                                 "in this dtype (bfloat16, float16, float32): results/"
+                                                 "diff_<dtype>.json")] = None,
 ) -> None:
     """Update anatomy of each checkpoint against its predecessor, streamed tensor by tensor (fp32).
 
     Example: crossroute diff runs/demo    or    crossroute diff BASE STAGE1 STAGE2 --out runs/diff
     A folder of checkpoint-N/ (or global_step_N/, step_N/) folders is a trajectory: one interval per step.
+    --as-dtype bfloat16 rounds every weight of both to bf16 first: how much of "unchanged" is bf16's resolution.
     """
     check_range("--top-k", top_k, 0, 100)
-    from crossroute.analyze.diff import diff_sequence, write_diff_results
+    from crossroute.analyze.diff import diff_sequence, resolve_storage, write_diff_results
     from crossroute.core.rundir import load_run, open_run
     from crossroute.experiments.sequence import run_checkpoints
     from crossroute.model.load import resolve_model_path
     from crossroute.model.trajectory import is_trajectory, trajectory
 
+    resolve_storage(as_dtype)  # a bad name fails before any run directory is made
     if base is not None and not (len(paths) == 1 and is_trajectory(paths[0])):
         raise CrossrouteError("--base: only with one trajectory folder (checkpoint-N/ folders); otherwise pass the "
                               "base as the first checkpoint.")
@@ -399,17 +404,17 @@ def diff(
     else:
         ckpts, names = list(paths), [p.name for p in paths]
         run = open_run(out or Path("runs/diff"), {"checkpoints": [str(c) for c in ckpts]}, kind="diff")
-    result = diff_sequence(ckpts, top_k_percent=top_k, progress=True, kernel=kernel)
+    result = diff_sequence(ckpts, top_k_percent=top_k, progress=True, kernel=kernel, storage=as_dtype)
     data = result.to_json()
     data["stage_names"] = names[1:]
     if names[-1].startswith("step_"):
         data["steps"] = [int(n.removeprefix("step_")) if n.startswith("step_") else None for n in names]
-    write_diff_results(data, run.root)
+    path = write_diff_results(data, run.root, name=f"diff_{as_dtype}" if as_dtype else "diff")
     for name, st in zip(names[1:], data["stages"], strict=True):
         below = ", ".join(f"<{t:g}: {100 * f:.1f}%" for t, f in zip(st["thresholds"], st["below_fraction"],
                                                                      strict=True))
         console.print(f"{name}: {below}; rel. change {st['rel_change']:.2e}")
-    console.print(f"wrote {run.results / 'diff.json'}; report: {write_report(run.root)}")
+    console.print(f"wrote {path}; report: {write_report(run.root)}")
 
 
 def analysis_run(out: Path, config: dict, kind: str) -> RunDir:
@@ -688,14 +693,33 @@ def demo(
     preset: Annotated[str, typer.Option(help="default: the shipped ~0.8 M model on CPU; gpu: a ~69 M model "
                                         "pretrained on one GPU (pretrain, sequence, refresh, diagnosis, "
                                         "rollback, report)")] = "default",
+    quick: Annotated[bool, typer.Option("--quick", help="a first look: one seed, the sequence and its diagnosis "
+                                        "(a few minutes)")] = False,
+    seeds: Annotated[str | None, typer.Option(help="training seeds, e.g. 0,1,2 (the default; --quick: 0)")] = None,
+    workers: Annotated[int | None, typer.Option(min=1, help="processes running the seeds' parts, one thread each "
+                                                "(default: one per core)")] = None,
 ) -> None:
-    """The end-to-end pipeline on an embedded model: RL sequence + refresh, diagnosis, repairs, the report.
+    """The end-to-end pipeline on an embedded model over 3 training seeds: RL sequence + refresh, mixed RL,
+    diagnosis, repairs, prevention, CPI-FT, RL vs SFT; the report's summary gives every figure across seeds.
 
-    Example: crossroute demo --out runs/demo   (on a GPU: crossroute demo --preset gpu --out runs/gpu)
+    Example: crossroute demo --out runs/demo   (--quick for one seed; on a GPU: crossroute demo --preset gpu)
     """
     from crossroute.experiments.demo import run_demo
 
-    run_demo(out, eval_n=eval_n, preset=preset)
+    run_demo(out, eval_n=eval_n, preset=preset, quick=quick, seeds=parse_seeds(seeds), workers=workers)
+
+
+def parse_seeds(text: str | None) -> list[int] | None:
+    """'0,1,2' as [0, 1, 2]; a one-line error naming --seeds otherwise."""
+    if text is None:
+        return None
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise CrossrouteError(f"--seeds {text!r}: give integers separated by commas, e.g. --seeds 0,1,2.") from None
+    if not seeds:
+        raise CrossrouteError("--seeds: give at least one seed, e.g. --seeds 0,1,2.")
+    return seeds
 
 
 def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,7 @@ from crossroute.core.rundir import RunDir, open_run
 from crossroute.core.threads import configure_threads
 from crossroute.domains.builtin import DEFAULT_DOMAINS
 from crossroute.domains.domain import Domain
-from crossroute.domains.evalset import pin_eval_sets
+from crossroute.domains.evalset import EVAL_SETS, pin_eval_sets
 from crossroute.domains.files import build_domains, domains_field, rebase_domains
 from crossroute.domains.judge import JudgeConfig, check_endpoint
 from crossroute.domains.spec import DomainSpec
@@ -466,6 +468,71 @@ def aggregate_seeds(results: list[dict[str, Any]], seeds: list[int], trained: li
     return out
 
 
+RUN_LEVEL_FREE = frozenset({"stages", "refresh", "mixed", "seeds", "threads"})  # fields a shared prefix may differ in
+
+
+def shared_prefix(a: TrainConfig, b: TrainConfig) -> int:
+    """How many leading sequence stages runs of `a` and `b` train identically: every run-level field equal (model,
+    domains, eval, seed, GRPO defaults, ...) and each stage's config equal; 0 when any run-level field differs."""
+    if a.model_dump(exclude=set(RUN_LEVEL_FREE)) != b.model_dump(exclude=set(RUN_LEVEL_FREE)):
+        return 0
+    n = 0
+    for sa, sb in zip(a.stages, b.stages, strict=False):
+        if sa.model_dump() != sb.model_dump():
+            break
+        n += 1
+    return n
+
+
+def link_copy(src: Path, dst: Path) -> None:
+    """Hard-link file or tree `src` to `dst` (copies where links fail), atomically: `dst` appears whole or not."""
+    def link(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    if src.is_dir():
+        shutil.copytree(src, tmp, copy_function=link)
+    else:
+        link(str(src), str(tmp))
+    os.replace(tmp, dst)
+
+
+def reuse_prefix(src: str | Path, cfg_src: TrainConfig, cfg: TrainConfig, out: str | Path) -> list[str]:
+    """Give run OUT (of `cfg`) the finished stages it shares with run SRC (of `cfg_src`, same seed): checkpoints,
+    eval records, train stats, KL and logs of each leading stage that `shared_prefix` finds identical, hard-linked.
+    Training is deterministic from the seed, so this is what rerunning them gives; run_training then resumes after
+    them. Returns the stage names reused (the demo's protected sequence starts from the plain one's Code -> Math)."""
+    n = shared_prefix(cfg_src, cfg)
+    if n == 0:
+        return []
+    src_run, run = RunDir(Path(src)), open_train_run(cfg, out, check_checkpoint_dir(cfg.model))
+    names = stage_names(cfg)[:n]
+    if not all(src_run.has_checkpoint(x) for x in names):
+        return []
+    if (src_run.root / EVAL_SETS).is_dir() and not (run.root / EVAL_SETS).exists():
+        link_copy(src_run.root / EVAL_SETS, run.root / EVAL_SETS)
+    reused = []
+    for stem in ("eval_base.jsonl", "eval_base.json"):
+        if (src_run.results / stem).exists() and not (run.results / stem).exists():
+            link_copy(src_run.results / stem, run.results / stem)
+    for name in names:
+        if run.has_checkpoint(name):
+            continue
+        for stem in (f"eval_{name}.jsonl", f"eval_{name}.json", f"train_{name}.json", f"kl_{name}.json"):
+            if (src_run.results / stem).exists() and not (run.results / stem).exists():
+                link_copy(src_run.results / stem, run.results / stem)
+        log = src_run.root / "logs" / f"{name}.jsonl"
+        if log.exists():
+            (run.root / "logs").mkdir(exist_ok=True)
+            link_copy(log, run.root / "logs" / log.name)
+        link_copy(src_run.checkpoint(name), run.checkpoint(name))  # last: a checkpoint marks the stage done
+        reused.append(name)
+    return reused
+
+
 def _run_one(cfg: TrainConfig, out: str | Path) -> dict[str, Any]:
     """One seed's sequence and refresh (resumable); returns the forgetting results written to results/."""
     _dist_state(cfg)  # the process group first: on CPU, accelerate may set torch's threads when it creates it
@@ -519,16 +586,26 @@ def _run_one(cfg: TrainConfig, out: str | Path) -> dict[str, Any]:
     return result
 
 
+def run_mixed(cfg: TrainConfig, out: str | Path, domains: list[Domain] | None = None) -> dict[str, Any]:
+    """Train (or resume) the mixed-RL baseline of `cfg` in OUT/mixed: one GRPO stage from the same base on the
+    sequence's mixture, scored on `domains` (the parent run's pinned prompts; None: pinned there, the same prompts,
+    which never depend on the seed). Independent of the sequence, so it may run beside it (crossroute demo)."""
+    if cfg.mixed is None:
+        raise CrossrouteError("mixed: the train config has no mixed baseline (mixed: {} in the train YAML).")
+    stage = cfg.mixed.stage(cfg.stages)
+    sub = cfg.model_copy(update={"stages": [stage], "refresh": None, "mixed": None, "seeds": None})
+    sub._built = {d.name: d for d in domains} if domains is not None else None
+    _say(cfg, f"[bold]mixed RL beside the sequence[/bold]: {stage.steps} steps on "
+              + " + ".join(f"{d} ({w:g})" for d, w in stage.mixture.items()))
+    return _run_one(sub, Path(out) / "mixed")
+
+
 def _mixed_beside(cfg: TrainConfig, run: RunDir, domains: list[Domain], seq_row: str, seq_scores: PerExample,
                   seq_means: list[float]) -> dict[str, Any]:
     """Train the mixed baseline in RUN/mixed (resumable, same pinned prompts) and compare its end with the end of
     the sequence per domain: mixed minus sequential, paired over the same prompts."""
     stage = cfg.mixed.stage(cfg.stages)
-    sub = cfg.model_copy(update={"stages": [stage], "refresh": None, "mixed": None, "seeds": None})
-    sub._built = {d.name: d for d in domains}
-    _say(cfg, f"[bold]mixed RL beside the sequence[/bold]: {stage.steps} steps on "
-              + " + ".join(f"{d} ({w:g})" for d, w in stage.mixture.items()))
-    mixed = _run_one(sub, run.root / "mixed")
+    mixed = run_mixed(cfg, run.root, domains)
     row = mixed["rows"][-1]
     mixed_scores = per_example_scores(read_records(run.root / "mixed" / "results" / f"eval_{row}.jsonl"))
     return {"sequential": seq_row, "mixed": f"mixed/{row}", "steps": stage.steps, "weights": stage.mixture,

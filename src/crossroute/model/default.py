@@ -24,15 +24,16 @@ DEFAULT_NAME = "default"
 
 
 def default_config(vocab_size: int, **overrides: Any) -> Qwen3Config:
-    """The embedded default's architecture: a ~0.8 M-parameter Qwen3 with GQA (4 heads, 2 KV groups)."""
+    """The embedded default's architecture: a ~0.8 M-parameter Qwen3 with GQA, 8 heads of 16 dims and 4 KV groups per
+    layer (32 heads, 16 KV groups in all: enough units for head- and KV-level analyses to mean something)."""
     kw: dict[str, Any] = dict(
         vocab_size=vocab_size,
         hidden_size=128,
         intermediate_size=384,
         num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=16,
         max_position_embeddings=128,
         rope_theta=10000.0,
         tie_word_embeddings=True,

@@ -13,5 +13,6 @@ from crossroute.report.sections import (  # noqa: F401
     rl_vs_sft,
     rollback,
     routes,
+    seeds,
     summary,
 )

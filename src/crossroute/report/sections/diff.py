@@ -1,4 +1,5 @@
-"""Report section: update anatomy (threshold table, relative change per module type, histogram, Jaccard)."""
+"""Report section: update anatomy (threshold table, relative change per module type, histogram, Jaccard), and
+beside it the same update as it would be stored in another dtype (results/diff_<dtype>.json, diff --as-dtype)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,15 @@ import html
 from collections.abc import Iterable
 from pathlib import Path
 
-from crossroute.analyze.diff import MODULE_TYPES
+from crossroute.analyze.diff import MODULE_TYPES, STORAGE_DTYPES
 from crossroute.core.rundir import RunDir
 from crossroute.model.units import UNIT_KINDS
 from crossroute.report.registry import register_section
 
 
-def render_diff_section(results: dict) -> str:
-    """HTML <section> for a diff result (SequenceDiff or UpdateAnatomy JSON): tables and plots."""
+def render_diff_section(results: dict, as_dtype: dict[str, dict] | None = None) -> str:
+    """HTML <section> for a diff result (SequenceDiff or UpdateAnatomy JSON): tables and plots; `as_dtype`: diff
+    results of the same checkpoints cast to another dtype (by its name), each compared in a table of its own."""
     from crossroute.report.plots import heatmap
 
     stages = results.get("stages", [results])
@@ -21,8 +23,9 @@ def render_diff_section(results: dict) -> str:
     parts = ["<section class=\"diff\">", "<h2>Update anatomy</h2>",
              "<p>δ = θ<sub>s</sub> − θ<sub>s−1</sub> in fp32. Fractions of entries with "
              "|δ| &lt; τ; * marks a τ below the storage dtype's resolution for most entries.</p>",
-             _threshold_table(stages, names), _module_table(stages, names), _units_table(stages, names),
-             _histogram_img(stages, names)]
+             _threshold_table(stages, names)]
+    parts += [t for dtype, other in (as_dtype or {}).items() if (t := _storage_table(stages, names, dtype, other))]
+    parts += [_module_table(stages, names), _units_table(stages, names), _histogram_img(stages, names)]
     if results.get("steps"):
         parts.append(_sparsity_curve(stages, results["steps"]))
     jac = results.get("jaccard") or {}
@@ -61,6 +64,36 @@ def _threshold_table(stages: list[dict], names: list[str]) -> str:
                     f"<td>{100 * s['zero_fraction']:.2f}%</td>{cells}</tr>")
     return ("<table><tr><th>stage</th><th>dtype</th><th>= 0</th>" + head + "</tr>"
             + "".join(rows) + "</table>")
+
+
+STORAGE_TAU = 1e-7  # the threshold the as-stored vs as-<dtype> table compares ("unchanged")
+
+
+def _storage_table(stages: list[dict], names: list[str], dtype: str, other: dict) -> str:
+    """Per stage, the share of entries unchanged (|δ| < 1e-7, and δ = 0) as stored and as `dtype`: the difference
+    is the share of "unchanged" that is only that dtype's resolution. Stages are matched by (base, ckpt)."""
+    cast = {(c.get("base"), c.get("ckpt")): c for c in other.get("stages", [other])}
+    matched = [(n, s, cast[key]) for n, s in zip(names, stages, strict=True)
+               if (key := (s.get("base"), s.get("ckpt"))) in cast]
+    if not matched:
+        return ""
+    tau = all(STORAGE_TAU in s["thresholds"] and STORAGE_TAU in c["thresholds"] for _, s, c in matched)
+    rows = []
+    for name, s, c in matched:
+        pairs = [(s["zero_fraction"], c["zero_fraction"])]
+        if tau:
+            pairs.insert(0, (s["below_fraction"][s["thresholds"].index(STORAGE_TAU)],
+                             c["below_fraction"][c["thresholds"].index(STORAGE_TAU)]))
+        cells = "".join(f"<td>{100 * a:.2f}%</td><td>{100 * b:.2f}%</td><td>{100 * (b - a):+.2f}%</td>"
+                        for a, b in pairs)
+        rows.append(f"<tr><td>{html.escape(name)}</td><td>{html.escape(str(s.get('dtype')))}</td>{cells}</tr>")
+    d = html.escape(dtype)
+    groups = ([f"|δ| &lt; {STORAGE_TAU:g}"] if tau else []) + ["δ = 0"]
+    head = "".join(f"<th>{g}: as stored</th><th>as {d}</th><th>difference</th>" for g in groups)
+    return (f"<h3>Unchanged entries as stored and as {d}</h3><p>The same checkpoints with every weight of both "
+            f"rounded to {d} (round-to-nearest-even) before δ: the difference is the share of entries "
+            f"“unchanged” only because {d} cannot store so small an update.</p>"
+            "<table><tr><th>stage</th><th>stored dtype</th>" + head + "</tr>" + "".join(rows) + "</table>")
 
 
 def _ordered(keys: Iterable[str], order: tuple[str, ...]) -> list[str]:
@@ -137,4 +170,7 @@ def _histogram_img(stages: list[dict], names: list[str]) -> str:
 @register_section("diff", 50)
 def render(run: RunDir) -> str | None:
     res = run.read_result("diff")
-    return None if res is None else render_diff_section(res)
+    if res is None:
+        return None
+    cast = {d: r for d in STORAGE_DTYPES if (r := run.read_result(f"diff_{d}")) is not None}
+    return render_diff_section(res, cast)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import html
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from crossroute.analyze.circuits import SEED_REFERENCE
@@ -50,6 +51,21 @@ VERDICT_RULES = (
 
 
 @dataclass(frozen=True)
+class Rule:
+    """A claim's test on an interval: an effect > 0 (`positive`), else the open bound (low, high)."""
+
+    positive: bool = False
+    low: float | None = None
+    high: float | None = None
+
+    def __call__(self, lo: float | None, hi: float | None) -> str:
+        return verdict_positive(lo, hi) if self.positive else verdict_bound(lo, hi, self.low, self.high)
+
+
+POSITIVE = Rule(positive=True)
+
+
+@dataclass(frozen=True)
 class Estimate:
     """One figure of this run: value and 95 % interval in the row's unit (lo = hi = value for an exact figure),
     how the interval was obtained, and what the figure is of (a domain, a stage, a pair)."""
@@ -61,6 +77,8 @@ class Estimate:
     how: str
     verdict: str = UNDECIDED
     exact: bool = False  # no sampling interval: lo = hi = value
+    rule: Rule | None = None  # how the verdict follows from [lo, hi] (re-applied to across-seed intervals)
+    per_seed: list[float | None] | None = None  # an across-seed figure: its value in each seed
 
 
 def _ok(*xs: float | None) -> bool:
@@ -101,11 +119,15 @@ def section_href(title: str) -> str:
 
 
 def _row(key: str, claim: str, seed: str, unit: str, section: str, estimates: Sequence[Estimate], note: str = "",
-         verdict: str | None = None) -> dict[str, Any]:
+         verdict: str | None = None, soften: bool = False) -> dict[str, Any]:
+    """A summary row. `soften`: a 'not reproduced' becomes 'undecided' (a census in another storage dtype than the
+    seed's cannot contradict it)."""
     ests = [asdict(e) for e in estimates]
+    v = verdict or combine([e.verdict for e in estimates])
+    if soften and v == NOT_REPRODUCED:
+        v = UNDECIDED
     return {"key": key, "claim": claim, "seed": seed, "unit": unit, "section": section,
-            "anchor": section_href(section), "estimates": ests, "note": note,
-            "verdict": verdict or combine([e.verdict for e in estimates])}
+            "anchor": section_href(section), "estimates": ests, "note": note, "verdict": v, "soften": soften}
 
 
 def _absent(key: str, claim: str, seed: str, section: str, why: str) -> dict[str, Any]:
@@ -164,17 +186,13 @@ def last_stage_domains(res: dict) -> list[str]:
     return mixed or row.split("_", 1)[-1].split("+")
 
 
-def _judged(ests: Sequence[Estimate | None], rule: Callable[[Estimate], str]) -> list[Estimate]:
-    """The estimates that exist, each with its verdict under `rule`."""
-    return [replace(e, verdict=rule(e)) for e in ests if e is not None]
+def _judged(ests: Sequence[Estimate | None], rule: Rule) -> list[Estimate]:
+    """The estimates that exist, each with its verdict under `rule` (kept with it)."""
+    return [replace(e, verdict=rule(e.lo, e.hi), rule=rule) for e in ests if e is not None]
 
 
-def _with(est: Estimate | None, rule: Callable[[Estimate], str]) -> list[Estimate]:
+def _with(est: Estimate | None, rule: Rule) -> list[Estimate]:
     return _judged([est], rule)
-
-
-def _positive(e: Estimate) -> str:
-    return verdict_positive(e.lo, e.hi)
 
 
 C_FORGET = "Sequential RL forgets {d} (score after its own stage − at the end > 0)"
@@ -201,7 +219,7 @@ def forgetting_rows(res: dict | None) -> list[dict[str, Any]]:
     last = last_stage_domains(res)
     rows = [_forgetting_row(res, d) for d in res.get("domains", []) if d not in last]
     gains = _judged([seed_or_paired(res, _g(res, "paired", "own_stage_gain", k), f"own_stage_gain:{k}", k)
-                     for k in res.get("own_stage_gain") or {}], _positive)
+                     for k in res.get("own_stage_gain") or {}], POSITIVE)
     rows.append(_row("own_gain", C_GAIN, S_GAIN, "points", t, gains) if gains
                 else _absent("own_gain", C_GAIN, S_GAIN, t, "forgetting.json has no paired own-stage gains"))
     return [*rows, *_refresh_rows(res), _mixed_row(res, last), _kl_row(res)]
@@ -212,7 +230,7 @@ def _forgetting_row(res: dict, d: str) -> dict[str, Any]:
     est = seed_or_paired(res, v, f"forgetting:{d}", d + (f" ({v['from']} → {v['to']})" if v and "from" in v else ""))
     seed = f"{SEQ}: " + SEED_FORGETTING.get(d, "earlier domains lose points by the end of the sequence")
     claim = C_FORGET.format(d=d)
-    return (_row(f"forgetting:{d}", claim, seed, "points", FORGETTING_TITLE, _with(est, _positive)) if est
+    return (_row(f"forgetting:{d}", claim, seed, "points", FORGETTING_TITLE, _with(est, POSITIVE)) if est
             else _absent(f"forgetting:{d}", claim, seed, FORGETTING_TITLE,
                          "forgetting.json has no paired CIs (written before them); rerun"))
 
@@ -226,9 +244,9 @@ def _refresh_rows(res: dict) -> list[dict[str, Any]]:
     est = seed_or_paired(res, _g(res, "paired", "refresh", a), f"refresh_change:{a}", a)
     others = _judged([seed_or_paired(res, _g(res, "paired", "refresh", d), f"refresh_change:{d}", d)
                       for d in res.get("domains", []) if d != a],
-                     lambda e: verdict_bound(e.lo, e.hi, -OTHERS_MAX, OTHERS_MAX))
+                     Rule(low=-OTHERS_MAX, high=OTHERS_MAX))
     why = "forgetting.json has no paired refresh figures"
-    return [_row("refresh_recovery", C_REFRESH, S_REFRESH, "points", t, _with(est, _positive)) if est
+    return [_row("refresh_recovery", C_REFRESH, S_REFRESH, "points", t, _with(est, POSITIVE)) if est
             else _absent("refresh_recovery", C_REFRESH, S_REFRESH, t, why),
             _row("refresh_others", C_OTHERS, S_OTHERS, "points", t, others) if others
             else _absent("refresh_others", C_OTHERS, S_OTHERS, t, why)]
@@ -238,7 +256,7 @@ def _mixed_row(res: dict, last: list[str]) -> dict[str, Any]:
     diff = _g(res, "mixed_vs_sequential", "difference") or {}
     agg = {k.split(":", 1)[1] for k in _g(res, "seeds", "aggregate") or {} if k.startswith("mixed_minus_sequential:")}
     ests = _judged([seed_or_paired(res, diff.get(d), f"mixed_minus_sequential:{d}", d)
-                    for d in res.get("domains", []) if d not in last and (d in diff or d in agg)], _positive)
+                    for d in res.get("domains", []) if d not in last and (d in diff or d in agg)], POSITIVE)
     if not ests:
         return _absent("mixed_vs_sequential", C_MIXED, S_MIXED, FORGETTING_TITLE,
                        "no mixed RL baseline (mixed: in the train YAML)")
@@ -254,7 +272,7 @@ def _kl_row(res: dict) -> dict[str, Any]:
     pooled = f", pooled over {len(_g(res, 'seeds', 'seeds') or [])} seeds" if "seeds" in res else ", 1 seed"
     r2 = "" if fit.get("r2") is None else f"; R² {fit['r2']:.2f}"
     est = Estimate("slope", fit["slope"], lo, hi, f"pairs-bootstrap 95 % CI over {fit.get('n')} points{pooled}")
-    return _row("kl_slope", C_KL, S_KL, "points per nat/token", FORGETTING_TITLE, _with(est, _positive),
+    return _row("kl_slope", C_KL, S_KL, "points per nat/token", FORGETTING_TITLE, _with(est, POSITIVE),
                 note=f"n {fit.get('n')}{r2}")
 
 
@@ -279,8 +297,9 @@ def _exact(label: str, v: float, how: str = "exact count") -> Estimate:
     return Estimate(label, v, v, v, how, exact=True)
 
 
-def diff_rows(diff: dict | None) -> list[dict[str, Any]]:
-    """Sparse updates (share below 1e-7, storage dtype), small relative change, disjoint top-changed units."""
+def diff_rows(diff: dict | None, as_bf16: dict | None = None) -> list[dict[str, Any]]:
+    """Sparse updates (share below 1e-7, in the seed's bf16 storage when `as_bf16`, the same updates rounded to
+    bf16, is given), how much of that is storage, small relative change, disjoint top-changed units."""
     c_sp = f"Updates are sparse: ≥ {SPARSITY_MIN:g} % of entries change by < {_sci(SPARSITY_TAU)} in every stage"
     c_rel = f"Updates are small: ‖δ‖/‖θ‖ < {_sci(REL_CHANGE_MAX)} in every stage"
     c_jac = f"Different domains edit different units: Jaccard of top-changed neurons < {JACCARD_MAX:g} for any pair"
@@ -291,29 +310,56 @@ def diff_rows(diff: dict | None) -> list[dict[str, Any]]:
         return [_absent("sparsity", c_sp, s_sp, DIFF_TITLE, why), _absent("rel_change", c_rel, s_rel, DIFF_TITLE, why),
                 _absent("changed_jaccard", c_jac, s_jac, DIFF_TITLE, why)]
     stages, names = diff.get("stages", [diff]), _stage_names(diff)
-    return [_sparsity_row(stages, names, c_sp, s_sp), _rel_row(stages, names, c_rel, s_rel),
-            _jaccard_row(diff, names, c_jac, s_jac)]
+    cast = (as_bf16 or {}).get("stages")
+    rows = [_sparsity_row(cast or stages, names, c_sp, s_sp, stored=stages if cast else None)]
+    if cast:
+        rows.append(_storage_row(stages, cast, names))
+    return [*rows, _rel_row(stages, names, c_rel, s_rel), _jaccard_row(diff, names, c_jac, s_jac)]
 
 
-def _sparsity_row(stages: list[dict], names: list[str], claim: str, seed: str) -> dict[str, Any]:
-    taus = (stages[0].get("thresholds") or []) if stages else []
-    j = next((i for i, t in enumerate(taus) if math.isclose(t, SPARSITY_TAU, rel_tol=1e-6)), None)
-    if j is None:
+def _below(stage: dict, tau: float = SPARSITY_TAU) -> float | None:
+    """% of a stage's entries with |δ| < tau (None when the diff lacks that threshold)."""
+    taus = stage.get("thresholds") or []
+    j = next((i for i, t in enumerate(taus) if math.isclose(t, tau, rel_tol=1e-6)), None)
+    return None if j is None else 100 * stage["below_fraction"][j]
+
+
+def _sparsity_row(stages: list[dict], names: list[str], claim: str, seed: str,
+                  stored: list[dict] | None = None) -> dict[str, Any]:
+    """The census in `stages`' storage dtype; `stored`: the as-stored census beside it (then `stages` are the
+    updates rounded to the seed's bf16)."""
+    if not stages or _below(stages[0]) is None:
         return _absent("sparsity", claim, seed, DIFF_TITLE, f"diff.json has no threshold {_sci(SPARSITY_TAU)}")
     dtypes = sorted({str(s.get("dtype")) for s in stages})
-    ests = _judged([_exact(n, 100 * s["below_fraction"][j], f"exact count, {s.get('dtype')} storage")
-                    for n, s in zip(names, stages, strict=False)], lambda e: verdict_bound(e.lo, e.hi, SPARSITY_MIN))
-    verdict, note = combine([e.verdict for e in ests]), f"storage dtype {', '.join(dtypes)}"
-    if verdict == NOT_REPRODUCED and any(d != SEED_STORAGE_DTYPE for d in dtypes):
-        verdict = UNDECIDED
+    how = "exact count, the updates rounded to bf16" if stored else None
+    ests = _judged([_exact(n, _below(s), how or f"exact count, {s.get('dtype')} storage")
+                    for n, s in zip(names, stages, strict=False)], Rule(low=SPARSITY_MIN))
+    soften = not stored and any(d != SEED_STORAGE_DTYPE for d in dtypes)
+    note = f"storage dtype {', '.join(dtypes)}"
+    if stored:
+        as_stored = ", ".join(f"{_below(s):.1f} %" for s in stored)
+        note = f"the same updates as stored ({stored[0].get('dtype')}): {as_stored}"
+    elif soften:
         note += (f": not the seed's {SEED_STORAGE_DTYPE}, whose storage rounds updates below its resolution to "
                  "exactly 0; no contradiction")
-    return _row("sparsity", claim, seed, "% of entries", DIFF_TITLE, ests, note=note, verdict=verdict)
+    return _row("sparsity", claim, seed, "% of entries", DIFF_TITLE, ests, note=note, soften=soften)
+
+
+def _storage_row(stored: list[dict], cast: list[dict], names: list[str]) -> dict[str, Any]:
+    """The share of entries that are 'unchanged' only because bf16 storage rounds them away: below 1e-7 after
+    rounding both checkpoints to bf16, minus below 1e-7 as stored."""
+    claim = ("The seed's sparsity is largely bf16 storage: % of entries below 1e-7 in bf16 − as stored > 0 "
+             "(crossroute's reading of seed 001)")
+    seed = f"{ANAT}: measured on bf16 checkpoints"
+    ests = _judged([_exact(n, (_below(c) or 0.0) - (_below(s) or 0.0), "exact count, bf16 − as stored")
+                    for n, s, c in zip(names, stored, cast, strict=False)], POSITIVE)
+    return _row("sparsity_storage", claim, seed, "% of entries", DIFF_TITLE, ests,
+                note=f"stored as {stored[0].get('dtype')}")
 
 
 def _rel_row(stages: list[dict], names: list[str], claim: str, seed: str) -> dict[str, Any]:
     ests = _judged([_exact(n, s["rel_change"]) for n, s in zip(names, stages, strict=False)
-                    if s.get("rel_change") is not None], lambda e: verdict_bound(e.lo, e.hi, None, REL_CHANGE_MAX))
+                    if s.get("rel_change") is not None], Rule(high=REL_CHANGE_MAX))
     return (_row("rel_change", claim, seed, "‖δ‖/‖θ‖", DIFF_TITLE, ests) if ests
             else _absent("rel_change", claim, seed, DIFF_TITLE, "diff.json has no rel_change"))
 
@@ -326,10 +372,10 @@ def _jaccard_row(diff: dict, names: list[str], claim: str, seed: str) -> dict[st
     pairs = [(f"{names[i]} / {names[j]}", m[i][j]) for i in range(len(names)) for j in range(i + 1, len(names))]
     label, v = max(pairs, key=lambda p: p[1])
     pct = _g(diff, "stages", 0, "top_k_percent")
-    est = _exact(f"max over {len(pairs)} pairs ({label})", v)
+    est = _exact(f"max over {len(pairs)} pairs", v)
     return _row("changed_jaccard", claim, seed, "Jaccard", DIFF_TITLE,
-                _with(est, lambda e: verdict_bound(e.lo, e.hi, None, JACCARD_MAX)),
-                note=f"top-{pct:g} % of neurons per stage" if pct is not None else "")
+                _with(est, Rule(high=JACCARD_MAX)),
+                note=f"largest: {label}" + (f"; top-{pct:g} % of neurons per stage" if pct is not None else ""))
 
 
 def random_jaccard(size: int, q: float) -> float | None:
@@ -354,7 +400,7 @@ def routes_row(routes: dict | None) -> dict[str, Any]:
         return _absent("active_overlap", claim, seed, ROUTES_TITLE, "routes.json has no neuron Jaccard over 2+ domains")
     how = f"no CI: exact on {routes.get('n')} pinned probe prompts"
     ests = _judged([_exact(f"{a} / {b}", m[doms.index(a)][doms.index(b)], how)
-                    for i, a in enumerate(picked) for b in picked[i + 1:]], lambda e: verdict_bound(e.lo, e.hi, base))
+                    for i, a in enumerate(picked) for b in picked[i + 1:]], Rule(low=base))
     return _row("active_overlap", claim, seed, "Jaccard", ROUTES_TITLE, ests,
                 note=f"random sets of the same size: {base:.3f} (top {routes.get('q', 10.0):g} % per layer)")
 
@@ -380,12 +426,11 @@ def conflict_rows(results: list[dict]) -> list[dict[str, Any]]:
         if not _ok(g, lo_c, hi_c):
             rows.append(_absent(f"conflict:{pair}", claim, seed, CONFLICT_TITLE, "conflict result has no cosines"))
             continue
-        bound = min(-lo_c, hi_c)
-        est = _exact(f"{pair}: global cos", g, f"no CI: one gradient each on {r.get('n')} examples")
-        v = verdict_bound(abs(g), abs(g), None, bound) if bound > 0 else NOT_REPRODUCED
-        rows.append(_row(f"conflict:{pair}", claim, seed, "cosine", CONFLICT_TITLE,
-                         [replace(est, verdict=v)],
-                         note=f"most conflicting {lo_c:+.3f}, most synergistic {hi_c:+.3f}"))
+        margin = min(-lo_c, hi_c) - abs(g)  # > 0: |global cos| below both extremes
+        est = _exact(f"{pair}: min(−cos conflicting, cos synergistic) − |global cos|", margin,
+                     f"no CI: one gradient each on {r.get('n')} examples")
+        rows.append(_row(f"conflict:{pair}", claim, seed, "cosine", CONFLICT_TITLE, _with(est, POSITIVE),
+                         note=f"global {g:+.3f}, most conflicting {lo_c:+.3f}, most synergistic {hi_c:+.3f}"))
     return rows
 
 
@@ -409,7 +454,7 @@ def damage_rows(results: list[dict]) -> list[dict[str, Any]]:
             ratio = f2 / abs(f1)
             est = _exact(f"{a}: ½δᵀHδ / |gᵀδ|", ratio, f"no CI: exact on {r.get('n')} examples")
             rows.append(_row(f"second_order:{a}", c2, seed, "ratio", title,
-                             _with(est, lambda e: verdict_bound(e.lo, e.hi, 1.0)),
+                             _with(est, Rule(low=1.0)),
                              note=f"gᵀδ {f1:.3g}, ½δᵀHδ {f2:.3g}"))
         else:
             rows.append(_absent(f"second_order:{a}", c2, seed, title, "damage result has no first/second-order terms"))
@@ -426,11 +471,12 @@ def _subspace_row(c: dict, a: str, title: str, claim: str, seed: str) -> dict[st
     if r == 0:
         return _absent(f"subspace:{a}/{b}", claim, seed, title, "conflict subspace has no shares")
     base = max(rnd[r - 1], top[r - 1])
-    est = _exact(f"{a} / {b}: share of top-{r} eigendirections", eig[r - 1], "no CI: exact on the pinned examples")
+    est = _exact(f"{a} / {b}: share of top-{r} eigendirections − the larger baseline's", eig[r - 1] - base,
+                 "no CI: exact on the pinned examples")
     conv = "" if c.get("converged", True) else "; not every eigenpair converged"
     r90 = c.get("r90")
-    return _row(f"subspace:{a}/{b}", claim, seed, "share", title, _with(est, lambda e: verdict_bound(e.lo, e.hi, base)),
-                note=f"random {rnd[r - 1]:.3g}, top-|δ| {top[r - 1]:.3g}; r for 90 %: "
+    return _row(f"subspace:{a}/{b}", claim, seed, "share", title, _with(est, POSITIVE),
+                note=f"eigen {eig[r - 1]:.3g}, random {rnd[r - 1]:.3g}, top-|δ| {top[r - 1]:.3g}; r for 90 %: "
                      f"{'not reached' if r90 is None else r90}{conv}")
 
 
@@ -471,12 +517,45 @@ def rollback_rows(results: list[dict]) -> list[dict[str, Any]]:
         for d in (r.get("others") or []) if p else []:
             ch, kind = _rollback_change(p, d)
             ests += _with(_paired_estimate(ch, f"{d} ({kind})"),
-                          lambda e: verdict_bound(e.lo, e.hi, -OTHERS_MAX, OTHERS_MAX))
+                          Rule(low=-OTHERS_MAX, high=OTHERS_MAX))
+        rows.append(_baseline_row(r, points, a, title))
         rows.append(_row(f"rollback_collateral:{a}", c_col, f"{seed}: QA −0.06", "points", title, ests,
                          note=f"at {p['fraction']:g} % of the MLP pool" if p else "") if ests
                     else _absent(f"rollback_collateral:{a}", c_col, f"{seed}: QA −0.06", title,
                                  "no 2 % MLP conflict point with its collateral"))
     return rows
+
+
+NO_CI = "one seed: no interval (the across-seed summary gives one)"
+
+
+def _point(points: list[dict], variant: str, selector: str, fraction: float) -> dict | None:
+    return next((p for p in points if p.get("variant") == variant and p.get("selector") == selector
+                 and p.get("fraction") == fraction), None)
+
+
+def _baseline_row(r: dict, points: list[dict], a: str, title: str) -> dict[str, Any]:
+    """Conflict selection against the random and magnitude baselines at the seed's budgets: Δ A(conflict) −
+    Δ A(baseline), greedy where both points were fully evaluated, else their P(ref) screens."""
+    claim = ("Conflict-selected rollback recovers more of A than random and magnitude selection at the same budget "
+             "(Δ conflict − Δ baseline > 0)")
+    seed, key = "seed 001: conflict scores pick the units to roll back", f"rollback_baselines:{a}"
+    ests = []
+    for variant, frac, _ in ROLLBACK_SEED:
+        c = _nearest(points, variant, frac)
+        for sel in ("random", "magnitude"):
+            b = _point(points, variant, sel, c["fraction"]) if c else None
+            if c is None or b is None:
+                continue
+            full = c.get("full_eval", True) and b.get("full_eval", True) and _g(c, "change", a) and _g(b, "change", a)
+            kind = "change" if full else "screen_change"
+            vc, vb = _g(c, kind, a, "value"), _g(b, kind, a, "value")
+            if _ok(vc, vb):
+                ests.append(Estimate(f"{variant} {c['fraction']:g} % vs {sel} ({'greedy' if full else 'P(ref)'})",
+                                     vc - vb, None, None, NO_CI))
+    if not ests:
+        return _absent(key, claim, seed, title, "the sweep has no random/magnitude points at the seed's budgets")
+    return _row(key, claim, seed, "points", title, _judged(ests, POSITIVE))
 
 
 def _rollback_row(r: dict, p: dict | None, a: str, variant: str, frac: float, title: str, claim: str,
@@ -493,7 +572,7 @@ def _rollback_row(r: dict, p: dict | None, a: str, variant: str, frac: float, ti
     note = (f"recovery {100 * rec:.1f} %" if rec is not None else "recovery undefined") + f" of a {gap:.2f}-point gap"
     if frac != p["fraction"]:
         note += f"; nearest swept fraction to {frac:g} %"
-    return _row(key, claim, seed, "points", title, _with(est, _positive), note=note)
+    return _row(key, claim, seed, "points", title, _with(est, POSITIVE), note=note)
 
 
 # ----------------------------------------------------------------------------- cpift, rl vs sft
@@ -510,7 +589,7 @@ def cpift_rows(res: dict | None) -> list[dict[str, Any]]:
     rows = []
     for b in CPIFT_BASELINES:
         per = _g(res, "cpift_vs", b) if res else None
-        ests = [e for t, v in (per or {}).items() for e in _with(_paired_estimate(v, t), _positive)]
+        ests = [e for t, v in (per or {}).items() for e in _with(_paired_estimate(v, t), POSITIVE)]
         rows.append(_row(f"cpift_vs:{b}", claims[b], seed, "points", CPIFT_TITLE, ests) if ests else
                     _absent(f"cpift_vs:{b}", claims[b], seed, CPIFT_TITLE,
                             "no results/cpift.json (crossroute cpift)" if res is None else f"cpift.json has no {b}"))
@@ -534,7 +613,52 @@ def circuit_row(rl_vs_sft: dict | None, circuits: list[dict]) -> dict[str, Any]:
     if est is None:
         return _absent("circuit_retention", claim, seed, title if dom else "RL vs SFT on A",
                        "no retention difference (crossroute rl-vs-sft, or circuits with --rl and --sft)")
-    return _row("circuit_retention", claim, seed, "points of retention", title, _with(est, _positive))
+    return _row("circuit_retention", claim, seed, "points of retention", title, _with(est, POSITIVE))
+
+
+PROTECT_TITLE = "Prevention: protected sequence vs unprotected"
+
+
+def protected_row(res: dict | None, target: str | None) -> dict[str, Any]:
+    """Protection vs none: the protected domain's score at the end of the sequence, protected − unprotected (> 0),
+    paired over the same prompts."""
+    claim = "Freezing A's conflict units in the later stages keeps A (protected − unprotected at the end > 0)"
+    seed = "seed 001 (prevention): protect the shared routes' conflict units"
+    rows = list((res or {}).get("rows") or [])
+    end = next((r for r in reversed(rows) if not r.startswith("refresh_")), None)
+    v = _g(res, "vs_unprotected", end, target) if res and end and target else None
+    est = _paired_estimate(v, f"{target} at {end}") if v else None
+    if est is None:
+        return _absent("protected", claim, seed, PROTECT_TITLE, "no results/forgetting_protected.json with its "
+                       "comparison (crossroute demo, or a protected train run beside an unprotected one)")
+    return _row("protected", claim, seed, "points", PROTECT_TITLE, _with(est, POSITIVE))
+
+
+def rl_vs_sft_rows(res: dict | None) -> list[dict[str, Any]]:
+    """RL vs SFT at a matched score on A: SFT's mean forgetting of the other domains − RL's, and SFT's forward KL to
+    the base − RL's (RL's Razor: RL moves less), one value per seed."""
+    c_f = "RL forgets the other domains less than SFT at a matched score on A (SFT's mean drop − RL's > 0)"
+    c_k = "RL stays closer to the base than SFT: forward KL(base ‖ model) per token, SFT − RL > 0"
+    s_f = "seed 003/004: RL forgets less than SFT"
+    s_k = "RL's Razor (Shenfeld et al. 2025, cited by seed 004): RL's KL to the base is smaller"
+    dom = str((res or {}).get("domain", ""))
+    title = f"RL vs SFT on {dom}" if dom else "RL vs SFT on A"
+    by = {r.get("model"): r for r in (res or {}).get("rows") or []}
+    if "rl" not in by or "sft" not in by:
+        why = "no results/rl_vs_sft.json (crossroute rl-vs-sft)"
+        return [_absent("rl_vs_sft_forgetting", c_f, s_f, title, why), _absent("rl_vs_sft_kl", c_k, s_k, title, why)]
+    rl, sft = by["rl"], by["sft"]
+    note = f"own score: RL {rl.get('own')}, SFT {sft.get('own')}"
+    out = []
+    for key, claim, seed, unit, field in (("rl_vs_sft_forgetting", c_f, s_f, "points", "forgetting_mean"),
+                                          ("rl_vs_sft_kl", c_k, s_k, "nats per token", "kl_token")):
+        a, b = sft.get(field), rl.get(field)
+        if not _ok(a, b):
+            out.append(_absent(key, claim, seed, title, f"rl_vs_sft.json has no {field}"))
+            continue
+        out.append(_row(key, claim, seed, unit, title, _with(Estimate(dom, a - b, None, None, NO_CI), POSITIVE),
+                        note=note))
+    return out
 
 
 # ----------------------------------------------------------------------------- the rows, the section
@@ -546,11 +670,92 @@ def _results(run: RunDir, prefix: str) -> list[dict]:
 
 def summary_rows(run: RunDir) -> list[dict[str, Any]]:
     """Every seed claim as a row: claim, seed figure, this run's estimates with intervals, verdict, section link."""
-    return [*forgetting_rows(run.read_result("forgetting")), *diff_rows(run.read_result("diff")),
+    diffs = run.read_result("diff"), run.read_result("diff_bfloat16")
+    return [*forgetting_rows(run.read_result("forgetting")), *diff_rows(*diffs),
             routes_row(run.read_result("routes")), *conflict_rows(_results(run, "conflict")),
             *damage_rows(_results(run, "damage")), *rollback_rows(_results(run, "rollback")),
             *cpift_rows(run.read_result("cpift")),
+            protected_row(run.read_result("forgetting_protected"), _refresh_domain(run.read_result("forgetting"))),
+            *rl_vs_sft_rows(run.read_result("rl_vs_sft")),
             circuit_row(run.read_result("rl_vs_sft"), _results(run, "circuits"))]
+
+
+def _refresh_domain(res: dict | None) -> str | None:
+    """The domain the run repairs and protects: its refresh's."""
+    return _g(res, "refresh", "domain")
+
+
+# ----------------------------------------------------------------------------- across training seeds
+
+
+def _rule_of(e: dict[str, Any]) -> Rule | None:
+    r = e.get("rule")
+    return Rule(**r) if isinstance(r, dict) else r
+
+
+def _seed_estimate(group: list[dict[str, Any]], seeds: list[int]) -> Estimate:
+    """One figure over seeds: mean and 95 % t-interval of its per-seed values, judged by its row's rule."""
+    from crossroute.measure.stats import across_seeds
+
+    values = [e["value"] for e in group]
+    a = across_seeds([v for v in values if v is not None])
+    labels = list(dict.fromkeys(e["label"] for e in group))
+    label = labels[0] if len(labels) == 1 else f"{labels[0].split(' (')[0]} (varies by seed)"
+    rule = _rule_of(group[0])
+    how = f"95 % t-interval across {a['n']} seeds ({', '.join(map(str, seeds))})"
+    verdict = rule(a["lo"], a["hi"]) if rule is not None else UNDECIDED
+    return Estimate(label, a["mean"], a["lo"], a["hi"], how, verdict=verdict, rule=rule, per_seed=values)
+
+
+def aggregate_rows(per_seed: list[list[dict[str, Any]]], seeds: list[int]) -> list[dict[str, Any]]:
+    """The summary over training seeds: each row's figures as mean and t-interval of their per-seed values (matched
+    by position where every seed has the same figures, else by label), verdicts by the same rules; a row no seed
+    measured stays NOT_MEASURED."""
+    keys = list(dict.fromkeys(r["key"] for rows in per_seed for r in rows))
+    out = []
+    for key in keys:
+        got = [(k, r) for k, rows in zip(seeds, per_seed, strict=True) for r in rows if r["key"] == key]
+        measured = [(k, r) for k, r in got if r["verdict"] != NOT_MEASURED]
+        first = got[0][1]
+        if not measured:
+            out.append(first)
+            continue
+        ks = [k for k, _ in measured]
+        n_est = {len(r["estimates"]) for _, r in measured}
+        if len(n_est) == 1:
+            groups = [[r["estimates"][i] for _, r in measured] for i in range(n_est.pop())]
+        else:
+            labels = list(dict.fromkeys(e["label"] for _, r in measured for e in r["estimates"]))
+            groups = [[e for _, r in measured for e in r["estimates"] if e["label"] == lab] for lab in labels]
+        ests = [_seed_estimate(g, ks) for g in groups]
+        row = {**measured[0][1], "estimates": [asdict(e) for e in ests]}
+        v = combine([e.verdict for e in ests])
+        row["verdict"] = UNDECIDED if row.get("soften") and v == NOT_REPRODUCED else v
+        per = "; ".join(f"seed {k}: {MARK.get(r['verdict'], '–')}" for k, r in measured)
+        row["note"] = f"per seed: {per}" + (f". Seed {ks[0]}: {row['note']}" if row.get("note") else "")
+        row["seeds"] = ks
+        out.append(row)
+    return out
+
+
+DEMO_RESULT = "demo"  # results/demo.json of a multi-seed demo: seeds, parts' costs, per-seed and across-seed rows
+
+
+def write_demo_summary(out: Path, roots: list[Path], seeds: list[int], costs: list[dict[str, Any]], wall: float,
+                       workers: int, parts: list[str]) -> dict[str, Any]:
+    """results/demo.json of `crossroute demo`: every seed's summary rows and their across-seed aggregate (the
+    report's summary), the parts' costs and the wall time; with several seeds, also the across-seed forgetting."""
+    runs = [RunDir(Path(r)) for r in roots]
+    per_seed = [summary_rows(r) for r in runs]
+    data: dict[str, Any] = {"seeds": seeds, "roots": [str(r) for r in roots], "workers": workers, "parts": parts,
+                            "wall_seconds": wall, "costs": costs,
+                            "cost_per_part": {p: round(sum(c["seconds"] for c in costs if c["part"] == p), 1)
+                                              for p in parts},
+                            "per_seed": {str(k): rows for k, rows in zip(seeds, per_seed, strict=True)}}
+    if len(runs) > 1:
+        data["summary"] = aggregate_rows(per_seed, seeds)
+    RunDir(Path(out)).write_result(DEMO_RESULT, data)
+    return data
 
 
 def _fmt(v: float | None, unit: str) -> str:
@@ -598,7 +803,13 @@ def render_summary_section(rows: list[dict[str, Any]]) -> str:
             + f"</tbody></table><p class=\"note\">{VERDICT_RULES}</p></section>")
 
 
+def demo_rows(run: RunDir) -> list[dict[str, Any]] | None:
+    """The across-seed summary rows of a multi-seed demo run (results/demo.json), None for any other run."""
+    demo = run.read_result(DEMO_RESULT)
+    return (demo or {}).get("summary")
+
+
 @register_section("summary", 0)
 def render(run: RunDir) -> str | None:
-    rows = summary_rows(run)
+    rows = demo_rows(run) or summary_rows(run)
     return render_summary_section(rows) if any(r["verdict"] != NOT_MEASURED for r in rows) else None
