@@ -105,3 +105,15 @@ def test_multi_seed_demo_runs_on_a_pool_aggregates_and_resumes(tmp_path: Path) -
     mtime = (out / "seeds" / "1" / "checkpoints" / "02_code" / "model.safetensors").stat().st_mtime_ns
     run_demo(out, preset=preset, seeds=[0, 1], workers=2)  # resumes: nothing is retrained
     assert (out / "seeds" / "1" / "checkpoints" / "02_code" / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_quick_demo_is_one_seed_in_out_with_the_sequence_and_its_diagnosis(tmp_path: Path) -> None:
+    preset = _tiny_preset(tmp_path)
+    out = tmp_path / "quick"
+    run_demo(out, preset=preset, quick=True)
+    results = out / "results"
+    assert (results / "forgetting.json").exists() and (results / "diff.json").exists()
+    assert (results / "diff_bfloat16.json").exists() and (results / "routes.json").exists()
+    assert not (results / "rollback_math.json").exists() and not (out / "seeds").exists()
+    demo = json.loads((results / "demo.json").read_text())
+    assert demo["seeds"] == [0] and demo["parts"] == ["sequence", "diagnosis"] and "summary" not in demo

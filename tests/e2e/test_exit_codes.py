@@ -98,6 +98,7 @@ CASES: list[Case] = [
     case("diff-not-a-run", "diff {D}/emptyrun", "not a crossroute run directory"),
     case("diff-top-k-zero", "diff {T} {D}/other --top-k 0", "--top-k"),
     case("diff-out-is-file", "diff {T} {D}/other --out {D}/afile", "'--out'"),
+    case("diff-bad-as-dtype", "diff {T} {D}/other --as-dtype int8", "unknown storage dtype 'int8'"),
     # routes
     case("routes-missing-model", "routes", "Missing argument"),
     case("routes-n-zero", "routes default --n 0", "'--n'"),
@@ -166,6 +167,9 @@ CASES: list[Case] = [
     case("demo-eval-n-huge", "demo --eval-n 1000000000", "'--eval-n'"),
     case("demo-unknown-preset", "demo --preset bogus --out {D}/dm", "unknown preset 'bogus'"),
     case("demo-out-is-file", "demo --out {D}/afile", "'--out'"),
+    case("demo-seeds-not-ints", "demo --seeds 0,x --out {D}/dm", "--seeds '0,x': give integers"),
+    case("demo-seeds-twice", "demo --seeds 1,1 --out {D}/dm", "give each seed once"),
+    case("demo-workers-zero", "demo --workers 0", "'--workers'"),
     # the app itself
     case("unknown-command", "evaluate", "No such command 'evaluate'"),
     case("unknown-global-option", "--verbose", "No such option: --verbose"),

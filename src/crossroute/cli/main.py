@@ -374,7 +374,7 @@ def diff(
 ) -> None:
     """Update anatomy of each checkpoint against its predecessor, streamed tensor by tensor (fp32).
 
-    Example: crossroute diff runs/demo    or    crossroute diff BASE STAGE1 STAGE2 --out runs/diff
+    Example: crossroute diff runs/demo/seeds/0    or    crossroute diff BASE STAGE1 STAGE2 --out runs/diff
     A folder of checkpoint-N/ (or global_step_N/, step_N/) folders is a trajectory: one interval per step.
     --as-dtype bfloat16 rounds every weight of both to bf16 first: how much of "unchanged" is bf16's resolution.
     """
@@ -467,7 +467,7 @@ def conflict(
 ) -> None:
     """Module-level gradient conflict between two domains: global cosine vs per-module cosines.
 
-    Example: crossroute conflict runs/demo/checkpoints/02_math --domains math,qa --out runs/demo
+    Example: crossroute conflict runs/demo/seeds/0/checkpoints/02_math --domains math,qa --out runs/demo/seeds/0
     """
     from crossroute.core.config import parse_layers
 
@@ -507,8 +507,9 @@ def damage(
 ) -> None:
     """Second-order damage of a later update to domain A: measured vs g.d + 1/2 d.H.d, per-unit attribution.
 
-    Example: crossroute damage --before runs/demo/checkpoints/02_math --after runs/demo/checkpoints/04_cw
-             --domain math --later qa,cw --out runs/demo   (--layers 28-35: a large model's last layers)
+    Example: crossroute damage --before runs/demo/seeds/0/checkpoints/02_math
+             --after runs/demo/seeds/0/checkpoints/04_cw
+             --domain math --later qa,cw --out runs/demo/seeds/0   (--layers 28-35: a large model's last layers)
     """
     from crossroute.core.config import parse_layers
 
@@ -549,8 +550,9 @@ def rollback(
 ) -> None:
     """Training-free rollback of the units a route-conflict score picks, vs random and largest-|delta| units.
 
-    Example: crossroute rollback --from runs/demo/checkpoints/04_cw --to runs/demo/checkpoints/02_math
-             --domain math --others qa --out runs/demo
+    Example: crossroute rollback --from runs/demo/seeds/0/checkpoints/04_cw
+             --to runs/demo/seeds/0/checkpoints/02_math
+             --domain math --others qa --out runs/demo/seeds/0
     """
     try:
         fr = [float(x) for x in fractions.split(",") if x.strip()]
@@ -593,7 +595,8 @@ def circuits(
     """Head-level circuits (attribution patching, confirmed by activation patching) on the base model's scale,
     their retention and the RL - SFT differential vulnerability, with 95 % CIs over prompts.
 
-    Example: crossroute circuits --base default --models rl=runs/demo/checkpoints/02_math,sft=runs/sft --domain math
+    Example: crossroute circuits --base default --domain math
+             --models rl=runs/demo/seeds/0/checkpoints/02_math,sft=runs/sft
     """
     check_range("--target", target, 0, 1)
     check_range("--max-fraction", max_fraction, 0, 1)
@@ -662,7 +665,8 @@ def merge(
 ) -> None:
     """Merge checkpoints: any mergekit method (or a mergekit YAML) run by mergekit, or crossroute's core transplant.
 
-    Example: crossroute merge ties default runs/demo/checkpoints/01_code runs/demo/checkpoints/02_math
+    Example: crossroute merge ties default runs/demo/seeds/0/checkpoints/01_code
+             runs/demo/seeds/0/checkpoints/02_math
     --param weight=0.5 --param density=0.5 --out runs/ties   (see docs/merge.md)
     """
     check_range("--top-percent", top_percent, 0, 100)

@@ -219,6 +219,13 @@ def release_run(root: str | Path) -> None:
         os.close(fd)
 
 
+def release_all() -> None:
+    """Release every run lock this process holds (a pool process between tasks: the next task may be another
+    process's run)."""
+    for root in list(_HELD):
+        release_run(root)
+
+
 def remove_leftovers(run: RunDir) -> list[Path]:
     """Remove what a dead process left in a run this process just locked: temporaries (`.NAME.*.tmp`, a killed
     atomic write or checkpoint save) in the run directory and its direct sub-directories, and .work/. Temporaries

@@ -42,6 +42,9 @@ PROTECT_CONFIG = ASSETS / "protected_sequence.yaml"  # identical to configs/prot
 
 DEMO_SEEDS = (0, 1, 2)  # training seeds of `crossroute demo`: every summary figure gets a t-interval over them
 QUICK_SEED = 0
+DEMO_DAMAGE_K = 10  # top eigenpairs of H_A per later domain: the summary reads the shares at r <= 5
+DEMO_DAMAGE_N = 32  # examples behind each HVP of the damage decomposition (the command's default: 64)
+DEMO_CIRCUIT_N = 32  # clean/corrupted pairs per domain for RL vs SFT's circuits (the command's default: 64)
 QUICK_KL_N = 16  # `--quick`: fewer KL prompts; the quick pass skips mixed RL and every part after diagnosis
 REFERENCE_SEED_COST: dict[str, float] = {  # rough one-thread seconds per part: the scheduler starts long chains first
     "mixed": 150, "sequence": 185, "diagnosis": 15, "repair": 110, "protected": 110, "cpift": 110, "rl_vs_sft": 100}
@@ -87,9 +90,11 @@ class SeedJob:
 def part_mixed(job: SeedJob) -> None:
     """Mixed RL from the base with the sequence's total steps (RUN/mixed), beside the sequence."""
     from crossroute.experiments.sequence import run_mixed
+    from crossroute.model.load import check_checkpoint_dir
 
     cfg = job.config()
     if cfg.mixed is not None:
+        open_train_run(cfg, job.root, check_checkpoint_dir(cfg.model))  # the seed's run holds RUN/mixed
         run_mixed(cfg, job.root)
 
 
@@ -133,7 +138,8 @@ def part_repair(job: SeedJob) -> None:
     ckpts, names = run_checkpoints(run)
     last = len(names) - 1  # run_checkpoints: base and the sequence's stages, no refresh
     if run.read_result(f"damage_{target}") is None:
-        run_damage(ckpts[stage + 1], ckpts[last], target, later=later, run_dir=run.root, seed=job.seed)
+        run_damage(ckpts[stage + 1], ckpts[last], target, later=later, run_dir=run.root, seed=job.seed,
+                   k=DEMO_DAMAGE_K, n=DEMO_DAMAGE_N)
     if run.read_result(f"rollback_{target}") is None:
         run_rollback(ckpts[last], ckpts[stage + 1], target, rollback_pair(later), run_dir=run.root,
                      eval_n=cfg.eval_n, full_at=SEED_FULL_AT, seed=job.seed)
@@ -184,13 +190,15 @@ def part_cpift(job: SeedJob) -> None:
 
 
 def part_rl_vs_sft(job: SeedJob) -> None:
-    """RL vs SFT from the base on the target: forgetting, forward KL to the base, circuit retention."""
+    """RL vs SFT from the base on the target (RL with the sequence's GRPO settings): forgetting, forward KL to the
+    base, circuit retention."""
     from crossroute.experiments.rl_vs_sft import run_rl_vs_sft
 
     run = RunDir(Path(job.root))
     if run.read_result("rl_vs_sft") is None:
         cfg = job.config()
-        run_rl_vs_sft(cfg.model, repair_target(cfg)[0], run.root, seed=job.seed,
+        run_rl_vs_sft(cfg.model, repair_target(cfg)[0], run.root, seed=job.seed, grpo=dict(cfg.grpo),
+                      kl_n=cfg.kl_n, circuit_n=DEMO_CIRCUIT_N,
                       **({"eval_n": job.eval_n} if job.eval_n is not None else {}))
 
 
@@ -231,10 +239,16 @@ def _chain_cost(part: Part, parts: list[Part]) -> float:
 
 def _run_part(name: str, job: SeedJob, log: str | None) -> float:
     """Run one part in this process, its output to `log` (a pool process) or the terminal; returns its seconds."""
+    from crossroute.core.rundir import release_all
+
     part = next(p for p in PARTS if p.name == name)
     t0 = time.perf_counter()
-    with _output_to(log):
-        part.run(job)
+    try:
+        with _output_to(log):
+            part.run(job)
+    finally:
+        if log is not None:
+            release_all()  # a pool process: the runs it opened are free for the next part, in any process
     return round(time.perf_counter() - t0, 1)
 
 
