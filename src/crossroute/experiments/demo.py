@@ -302,6 +302,10 @@ def run_parts(jobs: list[SeedJob], parts: list[Part], workers: int, logs: Path |
         return all((t[0].seed, n) in done for n in t[1].needs if n in names)
 
     if workers <= 1:
+        from crossroute.core.threads import configure_threads, current_policy
+
+        if current_policy().get("source") == "cores":  # not the user's choice: the parts run best on one thread
+            configure_threads(1)
         for job, part in todo:  # the sorted order respects needs: a part's chain outweighs its followers'
             console.print(f"[bold]{part.name}[/bold] (seed {job.seed}): {part.what}")
             costs.append({"seed": job.seed, "part": part.name, "seconds": _run_part(part.name, job, None)})
@@ -408,8 +412,8 @@ def run_demo(out: Path, eval_n: int | None = None, preset: str | Preset = "defau
                              "parts": [pt.name for pt in parts]}, kind="demo")
     if run is not None and model is not None:
         _pretrain_base(p, run)
-    n_workers = max(1, min(workers or available_cores(), len(jobs) * len(parts)))
-    costs = run_parts(jobs, parts, n_workers if len(jobs) > 1 else 1, out / "logs")
+    n_workers = max(1, min(workers or available_cores(), len(jobs) * len(parts))) if len(jobs) > 1 else 1
+    costs = run_parts(jobs, parts, n_workers, out / "logs")
     from crossroute.report.sections.summary import write_demo_summary
 
     if len(jobs) > 1:
