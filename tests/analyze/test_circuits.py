@@ -4,6 +4,7 @@ early-stopped patching passes give the one-pass-per-head reference's circuit and
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -327,19 +328,21 @@ def test_forward_passes_drop_as_claimed() -> None:
             h.remove()
     _assert_same_circuit(ref, new)
     _assert_same_circuit(ref, small)
-    ks = len(ref.curve_k)  # 17: every prefix size 0..16
-    assert ks == L * H + 1 and new.max_heads == 4 and new.curve_k == [0, 1, 2, 3, 4, L * H]
+    ks = len(ref.curve_k)  # every prefix size 0..L*H
+    cap = L * H // 4  # the default cap: 25 % of the heads
+    assert ks == L * H + 1 and new.max_heads == cap and new.curve_k == [*range(cap + 1), L * H]
     # old path, per batch: attribution (corrupted + clean), activation (corrupted + clean + one per head),
-    # curve (corrupted + one per prefix size): 2 + 18 + 18 = 38 forwards of every layer
+    # curve (corrupted + one per prefix size): 2 + (2 + L*H) + (1 + L*H + 1) forwards of every layer
     per_batch = 2 + (2 + L * H) + (1 + ks)
     assert ref_passes == (len(batches) * per_batch, sum(rows) * per_batch * L)
     # new path, per batch: attribution 2 (its corrupted run and clean layer outputs kept for the later passes),
-    # activation one stacked forward per layer (4 heads each) computing only layers >= l, curve one forward of the
-    # 5 prefix sizes up to the cap (k = 16 is the clean run)
-    layer_rows = 2 * L + sum(H * (L - layer) for layer in range(L)) + 5 * L
+    # activation one stacked forward per layer (H heads each) computing only layers >= l, curve one forward of the
+    # cap + 1 prefix sizes up to the cap (k = L*H is the clean run)
+    layer_rows = 2 * L + sum(H * (L - layer) for layer in range(L)) + (cap + 1) * L
     assert new_passes == (len(batches) * (2 + L + 1), sum(rows) * layer_rows)
-    # at most 3 copies a forward: ceil(4 / 3) = 2 forwards per layer, 2 for the curve's 5 copies
-    assert small_passes == (len(batches) * (2 + 2 * L + 2), sum(rows) * layer_rows)
+    # at most 3 copies a forward: ceil(H / 3) forwards per layer, ceil((cap + 1) / 3) for the curve's copies
+    assert small_passes == (len(batches) * (2 + math.ceil(H / 3) * L + math.ceil((cap + 1) / 3)),
+                            sum(rows) * layer_rows)
     # nothing kept across passes: the corrupted run once more per pass, the clean run once more in the activation
     _assert_same_circuit(ref, bare)
     assert bare_passes == (len(batches) * (2 + (2 + L) + 2), sum(rows) * (layer_rows + 3 * L))

@@ -108,3 +108,6 @@ def test_demo_report_summary_is_the_across_seed_one(tmp_path: Path) -> None:
     assert "95 % t-interval across 3 seeds" in page and "Across training seeds" in page
     assert page.index("The seeds' claims") < page.index("Across training seeds")
     assert "seeds/0/report.html" in page
+    anchors = {r["key"]: r["anchor"] for r in data["summary"]}
+    assert anchors["forgetting:math"] == S.section_href(S.FORGETTING_TITLE)  # drawn in this report
+    assert anchors["sparsity"] == "seeds/0/report.html" + S.section_href(S.DIFF_TITLE)  # in the seed's report

@@ -749,6 +749,11 @@ def write_demo_summary(out: Path, roots: list[Path], seeds: list[int], costs: li
                             "per_seed": {str(k): rows for k, rows in zip(seeds, per_seed, strict=True)}}
     if len(runs) > 1:
         data["summary"] = aggregate_rows(per_seed, seeds)
+        first = Path(roots[0])
+        if first.is_relative_to(out):  # the detail sections live in each seed's report (the first seed's linked)
+            for row in data["summary"]:
+                if row["section"] != FORGETTING_TITLE:
+                    row["anchor"] = f"{first.relative_to(out)}/report.html{row['anchor']}"
     RunDir(Path(out)).write_result(DEMO_RESULT, data)
     return data
 
