@@ -104,6 +104,8 @@ def test_demo_report_summary_is_the_across_seed_one(tmp_path: Path) -> None:
     costs = [{"seed": s, "part": "sequence", "seconds": 1.5} for s in range(3)]
     data = S.write_demo_summary(top.root, roots, [0, 1, 2], costs, 10.0, 2, ["sequence"])
     assert data["cost_per_part"] == {"sequence": 4.5} and set(data["per_seed"]) == {"0", "1", "2"}
+    again = S.write_demo_summary(top.root, roots, [0, 1, 2], costs[:1], 2.0, 2, ["sequence"])  # a resume
+    assert again["cost_per_part"] == {"sequence": 6.0} and again["wall_seconds"] == 12.0 and len(again["history"]) == 2
     page = build_report(top.root).read_text()
     assert "95 % t-interval across 3 seeds" in page and "Across training seeds" in page
     assert page.index("The seeds' claims") < page.index("Across training seeds")

@@ -739,13 +739,18 @@ DEMO_RESULT = "demo"  # results/demo.json of a multi-seed demo: seeds, parts' co
 def write_demo_summary(out: Path, roots: list[Path], seeds: list[int], costs: list[dict[str, Any]], wall: float,
                        workers: int, parts: list[str]) -> dict[str, Any]:
     """results/demo.json of `crossroute demo`: every seed's summary rows and their across-seed aggregate (the
-    report's summary), the parts' costs and the wall time; with several seeds, also the across-seed forgetting."""
+    report's summary), and the cost of each invocation (a resume adds its own): wall time and each part's seconds,
+    with their totals over invocations."""
     runs = [RunDir(Path(r)) for r in roots]
     per_seed = [summary_rows(r) for r in runs]
+    before = (RunDir(Path(out)).read_result(DEMO_RESULT) or {}).get("history") or []
+    history = [*before, {"wall_seconds": wall, "workers": workers, "costs": costs}]  # a resumed demo adds its own
+    spent = [c for h in history for c in h["costs"]]
     data: dict[str, Any] = {"seeds": seeds, "roots": [str(r) for r in roots], "workers": workers, "parts": parts,
-                            "wall_seconds": wall, "costs": costs,
-                            "cost_per_part": {p: round(sum(c["seconds"] for c in costs if c["part"] == p), 1)
+                            "wall_seconds": round(sum(h["wall_seconds"] for h in history), 1), "costs": costs,
+                            "cost_per_part": {p: round(sum(c["seconds"] for c in spent if c["part"] == p), 1)
                                               for p in parts},
+                            "history": history,
                             "per_seed": {str(k): rows for k, rows in zip(seeds, per_seed, strict=True)}}
     if len(runs) > 1:
         data["summary"] = aggregate_rows(per_seed, seeds)
