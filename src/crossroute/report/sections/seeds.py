@@ -56,6 +56,6 @@ def render(run: RunDir) -> str | None:
     costs = demo.get("cost_per_part") or {}
     if costs:
         body += (f"<h3>Cost per part</h3><p>Wall time {demo.get('wall_seconds', 0):.0f} s on {demo.get('workers')} "
-                 "one-thread process(es), over every invocation; each part's seconds summed over seeds and invocations.</p>")
+                 "one-thread process(es) over every invocation; a part's seconds summed over seeds and runs.</p>")
         body += table(["part", "seconds (all seeds)"], [[p, float(s)] for p, s in costs.items()])
     return section(TITLE, body)
