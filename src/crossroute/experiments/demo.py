@@ -46,7 +46,8 @@ DEMO_DAMAGE_K = 10  # top eigenpairs of H_A per later domain: the summary reads 
 DEMO_DAMAGE_N = 32  # examples behind each HVP of the damage decomposition (the command's default: 64)
 DEMO_CIRCUIT_N = 32  # clean/corrupted pairs per domain for RL vs SFT's circuits (the command's default: 64)
 QUICK_KL_N = 16  # `--quick`: fewer KL prompts; the quick pass skips mixed RL and every part after diagnosis
-REFERENCE_SEED_COST: dict[str, float] = {  # rough one-thread seconds per part: the scheduler starts long chains first
+REFERENCE_SEED_COST: dict[str, float] = {  # priorities (rough one-thread seconds of the previous demo's parts): the
+    # scheduler starts long chains first; the measured 3-seed demo (RESULTS.md) ran with these
     "mixed": 150, "sequence": 185, "diagnosis": 15, "repair": 110, "protected": 110, "cpift": 110, "rl_vs_sft": 100}
 
 
