@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.markup import escape
 
-from crossroute.core.config import MAX_EVAL_N, MAX_TRAIN_PROMPTS, check_count, check_numeric_fields
+from crossroute.core.config import MAX_EVAL_N, MAX_TRAIN_PROMPTS, check_count, check_numeric_fields, parse_numbers
 from crossroute.core.console import console
 from crossroute.core.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, INTERRUPTED_MESSAGE, CrossrouteError
 from crossroute.core.rundir import RunDir
@@ -263,11 +263,7 @@ def eval_cmd(
     from crossroute.measure.evaluate import EvalProtocol, evaluate_checkpoint, scores_json, write_records
     from crossroute.model.load import resolve_model_path
 
-    try:
-        js = [int(x) for x in pass_at.split(",") if x.strip()]
-    except ValueError:
-        raise CrossrouteError(f"--pass-at {pass_at!r}: give whole numbers j <= --k separated by commas, e.g. "
-                              "1,4.") from None
+    js = parse_numbers(pass_at, "--pass-at", int, "whole numbers j <= --k", "1,4")
     try:
         proto = EvalProtocol(k=k, temperature=temperature, top_p=top_p, p_ref=p_ref, pass_at=js)
     except ValidationError as e:
@@ -554,10 +550,7 @@ def rollback(
              --to runs/demo/seeds/0/checkpoints/02_math
              --domain math --others qa --out runs/demo/seeds/0
     """
-    try:
-        fr = [float(x) for x in fractions.split(",") if x.strip()]
-    except ValueError:
-        raise CrossrouteError(f"--fractions {fractions!r}: give percentages separated by commas, e.g. 1,2,4.") from None
+    fr = parse_numbers(fractions, "--fractions", float, "percentages", "1,2,4")
     if not fr or any(not 0 < f <= 100 for f in fr):
         raise CrossrouteError(f"--fractions {fractions!r}: each fraction must be in (0, 100] percent.")
     check_distinct("--from", now, "--to", to)
@@ -717,10 +710,7 @@ def parse_seeds(text: str | None) -> list[int] | None:
     """'0,1,2' as [0, 1, 2]; a one-line error naming --seeds otherwise."""
     if text is None:
         return None
-    try:
-        seeds = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise CrossrouteError(f"--seeds {text!r}: give integers separated by commas, e.g. --seeds 0,1,2.") from None
+    seeds = parse_numbers(text, "--seeds", int, "integers", "--seeds 0,1,2")
     if not seeds:
         raise CrossrouteError("--seeds: give at least one seed, e.g. --seeds 0,1,2.")
     return seeds

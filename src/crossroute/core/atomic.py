@@ -261,6 +261,30 @@ def _swap_into_place(tmp: Path, path: Path) -> None:
     _fsync_dir(path.parent)
 
 
+def atomic_link_copy(src: Path, dst: Path) -> None:
+    """Hard-link file or tree `src` to `dst` (copies where links fail, e.g. across filesystems), atomically through
+    a tagged temporary: `dst` appears whole or not at all, and a killed copy's leftover is a dead temporary."""
+    def link(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    tmp = dst.parent / f"{temp_prefix(dst.name)}link.tmp"
+    try:
+        if src.is_dir():
+            shutil.copytree(src, tmp, copy_function=link)
+        else:
+            link(str(src), str(tmp))
+        os.replace(tmp, dst)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces `path` whole, on failure it is removed.

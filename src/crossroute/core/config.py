@@ -6,7 +6,7 @@ import dataclasses
 import math
 import types
 import typing
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -133,6 +133,15 @@ def check_numeric_fields(cls: type, values: Mapping[str, Any], where: str, posit
             raise CrossrouteError(f"{where}.{key}: {value!r} must be greater than 0{fix}.")
         if key in nonnegative and value < 0:
             raise CrossrouteError(f"{where}.{key}: {value!r} must not be negative{fix}.")
+
+
+def parse_numbers(text: str, flag: str, cast: Callable[[str], Any], what: str, example: str) -> list[Any]:
+    """'1,2,4' as [cast('1'), ...] (blanks skipped); a one-line error naming `flag`, `what` it takes and an
+    `example` otherwise."""
+    try:
+        return [cast(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise CrossrouteError(f"{flag} {text!r}: give {what} separated by commas, e.g. {example}.") from None
 
 
 def parse_layers(spec: str, flag: str = "--layers") -> list[int]:

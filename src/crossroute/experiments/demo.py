@@ -119,9 +119,9 @@ def part_diagnosis(job: SeedJob, probe: str = "qa") -> None:
     for storage in (None, "bfloat16"):
         name = "diff" if storage is None else f"diff_{storage}"
         if run.read_result(name) is None:
-            data = diff_sequence(ckpts, progress=True, **({"storage": storage} if storage else {})).to_json()
+            data = diff_sequence(ckpts, progress=True, storage=storage).to_json()
             data["stage_names"] = names[1:]
-            write_diff_results(data, run.root, **({"name": name} if storage else {}))
+            write_diff_results(data, run.root, name=name)
     if run.read_result("routes") is None:
         run_routes(ckpts[0], cfg.domain_names, run_dir=run.root, show_progress=True)
     if run.read_result(conflict_result_name(target, probe)) is None:
@@ -312,7 +312,7 @@ def run_parts(jobs: list[SeedJob], parts: list[Part], workers: int, logs: Path |
             costs.append({"seed": job.seed, "part": part.name, "seconds": _run_part(part.name, job, None)})
         return costs
     ctx = multiprocessing.get_context("spawn")
-    running: dict[Future, tuple[SeedJob, Part, float]] = {}
+    running: dict[Future, tuple[SeedJob, Part, Path]] = {}
     with (_one_thread_children(), ProcessPoolExecutor(workers, mp_context=ctx, initializer=_pool_init) as pool,
           progress_bar() as bar):
         task = bar.add_task(f"demo: {len(jobs)} seeds x {len(parts)} parts on {workers} processes", total=len(todo))
@@ -321,12 +321,11 @@ def run_parts(jobs: list[SeedJob], parts: list[Part], workers: int, logs: Path |
                 for t in [t for t in todo if ready(t)][:max(0, workers - len(running))]:
                     todo.remove(t)
                     job, part = t
-                    log = str((logs or Path(job.root).parent) / f"seed{job.seed}_{part.name}.log")
-                    running[pool.submit(_run_part, part.name, job, log)] = (job, part, time.perf_counter())
+                    log = (logs or Path(job.root).parent) / f"seed{job.seed}_{part.name}.log"
+                    running[pool.submit(_run_part, part.name, job, str(log))] = (job, part, log)
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
                 for f in finished:
-                    job, part, _ = running.pop(f)
-                    log = (logs or Path(job.root).parent) / f"seed{job.seed}_{part.name}.log"
+                    job, part, log = running.pop(f)
                     try:
                         seconds = f.result()  # a part's CrossrouteError (one line) stops the demo here
                     except BrokenProcessPool:

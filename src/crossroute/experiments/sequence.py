@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from crossroute.analyze.forgetting import (
     paired_summary,
     per_example_scores,
 )
+from crossroute.core.atomic import atomic_link_copy
 from crossroute.core.config import MAX_EVAL_N, MAX_TRAIN_PROMPTS, load_yaml_mapping, validate_config
 from crossroute.core.console import console
 from crossroute.core.errors import CrossrouteError
@@ -484,22 +483,6 @@ def shared_prefix(a: TrainConfig, b: TrainConfig) -> int:
     return n
 
 
-def link_copy(src: Path, dst: Path) -> None:
-    """Hard-link file or tree `src` to `dst` (copies where links fail), atomically: `dst` appears whole or not."""
-    def link(a: str, b: str) -> None:
-        try:
-            os.link(a, b)
-        except OSError:
-            shutil.copy2(a, b)
-
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    if src.is_dir():
-        shutil.copytree(src, tmp, copy_function=link)
-    else:
-        link(str(src), str(tmp))
-    os.replace(tmp, dst)
-
-
 def reuse_prefix(src: str | Path, cfg_src: TrainConfig, cfg: TrainConfig, out: str | Path) -> list[str]:
     """Give run OUT (of `cfg`) the finished stages it shares with run SRC (of `cfg_src`, same seed): checkpoints,
     eval records, train stats, KL and logs of each leading stage that `shared_prefix` finds identical, hard-linked.
@@ -512,23 +495,24 @@ def reuse_prefix(src: str | Path, cfg_src: TrainConfig, cfg: TrainConfig, out: s
     names = stage_names(cfg)[:n]
     if not all(src_run.has_checkpoint(x) for x in names):
         return []
-    if (src_run.root / EVAL_SETS).is_dir() and not (run.root / EVAL_SETS).exists():
-        link_copy(src_run.root / EVAL_SETS, run.root / EVAL_SETS)
+
+    def take(rel: str) -> None:
+        """SRC/rel linked into OUT/rel, when SRC has it and OUT does not yet."""
+        if (src_run.root / rel).exists() and not (run.root / rel).exists():
+            (run.root / rel).parent.mkdir(parents=True, exist_ok=True)
+            atomic_link_copy(src_run.root / rel, run.root / rel)
+
+    take(EVAL_SETS)
+    take("results/eval_base.jsonl")
+    take("results/eval_base.json")
     reused = []
-    for stem in ("eval_base.jsonl", "eval_base.json"):
-        if (src_run.results / stem).exists() and not (run.results / stem).exists():
-            link_copy(src_run.results / stem, run.results / stem)
     for name in names:
         if run.has_checkpoint(name):
             continue
-        for stem in (f"eval_{name}.jsonl", f"eval_{name}.json", f"train_{name}.json", f"kl_{name}.json"):
-            if (src_run.results / stem).exists() and not (run.results / stem).exists():
-                link_copy(src_run.results / stem, run.results / stem)
-        log = src_run.root / "logs" / f"{name}.jsonl"
-        if log.exists():
-            (run.root / "logs").mkdir(exist_ok=True)
-            link_copy(log, run.root / "logs" / log.name)
-        link_copy(src_run.checkpoint(name), run.checkpoint(name))  # last: a checkpoint marks the stage done
+        for rel in (f"results/eval_{name}.jsonl", f"results/eval_{name}.json", f"results/train_{name}.json",
+                    f"results/kl_{name}.json", f"logs/{name}.jsonl"):
+            take(rel)
+        atomic_link_copy(src_run.checkpoint(name), run.checkpoint(name))  # last: a checkpoint marks the stage done
         reused.append(name)
     return reused
 

@@ -18,6 +18,7 @@ from typing import Any
 from crossroute.analyze.circuits import SEED_REFERENCE
 from crossroute.analyze.routes import top_count
 from crossroute.core.rundir import RunDir
+from crossroute.measure.stats import across_seeds
 from crossroute.report.html import anchor
 from crossroute.report.registry import register_section, result_files
 
@@ -480,8 +481,9 @@ def _subspace_row(c: dict, a: str, title: str, claim: str, seed: str) -> dict[st
                      f"{'not reached' if r90 is None else r90}{conv}")
 
 
-def _nearest(points: list[dict], variant: str, fraction: float) -> dict | None:
-    mine = [p for p in points if p.get("variant") == variant and p.get("selector") == "conflict"
+def _nearest(points: list[dict], variant: str, fraction: float, selector: str = "conflict") -> dict | None:
+    """The swept point of `variant` and `selector` whose fraction is nearest `fraction` (on a log scale)."""
+    mine = [p for p in points if p.get("variant") == variant and p.get("selector") == selector
             and p.get("fraction")]
     return min(mine, key=lambda p: abs(math.log(p["fraction"] / fraction)), default=None)
 
@@ -529,11 +531,6 @@ def rollback_rows(results: list[dict]) -> list[dict[str, Any]]:
 NO_CI = "one seed: no interval (the across-seed summary gives one)"
 
 
-def _point(points: list[dict], variant: str, selector: str, fraction: float) -> dict | None:
-    return next((p for p in points if p.get("variant") == variant and p.get("selector") == selector
-                 and p.get("fraction") == fraction), None)
-
-
 def _baseline_row(r: dict, points: list[dict], a: str, title: str) -> dict[str, Any]:
     """Conflict selection against the random and magnitude baselines at the seed's budgets: Δ A(conflict) −
     Δ A(baseline) in the P(ref) screen, which every point has (greedy evaluations differ by point and seed)."""
@@ -543,9 +540,13 @@ def _baseline_row(r: dict, points: list[dict], a: str, title: str) -> dict[str, 
     ests = []
     for variant, frac, _ in ROLLBACK_SEED:
         c = _nearest(points, variant, frac)
+        if c is None:
+            continue
         for sel in ("random", "magnitude"):
-            b = _point(points, variant, sel, c["fraction"]) if c else None
-            vc, vb = (_g(p, "screen_change", a, "value") for p in (c, b)) if c and b else (None, None)
+            b = _nearest(points, variant, c["fraction"], sel)
+            if b is None or b["fraction"] != c["fraction"]:  # the same budget only
+                continue
+            vc, vb = _g(c, "screen_change", a, "value"), _g(b, "screen_change", a, "value")
             if _ok(vc, vb):  # every point has its P(ref) screen: one kind of figure in every seed
                 ests.append(Estimate(f"{variant} {c['fraction']:g} % vs {sel} (P(ref))", vc - vb, None, None, NO_CI))
     if not ests:
@@ -690,8 +691,6 @@ def _rule_of(e: dict[str, Any]) -> Rule | None:
 
 def _seed_estimate(group: list[dict[str, Any]], seeds: list[int]) -> Estimate:
     """One figure over seeds: mean and 95 % t-interval of its per-seed values, judged by its row's rule."""
-    from crossroute.measure.stats import across_seeds
-
     values = [e["value"] for e in group]
     a = across_seeds([v for v in values if v is not None])
     labels = list(dict.fromkeys(e["label"] for e in group))
